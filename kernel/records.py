@@ -29,6 +29,15 @@ class Outcome(enum.StrEnum):
     SKIPPED = "skipped"
 
 
+class JobKind(enum.StrEnum):
+    SUBMIT = "submit"        # POST /jobs, CLI, Python API
+    CRON = "cron"            # an occurrence of a task's schedule; (task_id, scheduled_at) unique
+    RETRY = "retry"          # the next attempt of a failed job
+    DEPENDENT = "dependent"  # started by the success of an upstream task (`after`)
+    TRIGGER = "trigger"      # a manual run of a task (POST /tasks/{id}/trigger)
+    BACKFILL = "backfill"    # a past occurrence run on request (POST /tasks/{id}/backfill)
+
+
 class Job(msgspec.Struct, kw_only=True):
     """One unit of work: an ad-hoc submission, a cron occurrence, a retry or a dependent run.
 
@@ -40,6 +49,7 @@ class Job(msgspec.Struct, kw_only=True):
     action: str
     payload: dict[str, Any] = msgspec.field(default_factory=dict)
     task_id: str | None = None
+    kind: JobKind = JobKind.SUBMIT
     due_at: float                      # wall instant it may start
     scheduled_at: float | None = None  # the cron instant (or due_at for one-shots)
     priority: int = 0

@@ -1,0 +1,372 @@
+"""Typed configuration: ``config.toml`` (and the seed's YAML task list) decoded into Structs.
+
+Decoding reports **every** problem at once: each section and each task is converted on its own,
+and a failing field is noted and dropped so the rest can still be checked. Semantic checks that
+need other rooms (cron syntax, known actions, dependency cycles) live in ``kernel.validate``.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .durations import parse_duration
+from .errors import ConfigError, ConfigIssue
+
+DEFAULT_CONFIG_NAME = "default_config.toml"
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+
+
+class Policy(enum.StrEnum):
+    PRIORITY_AWARE = "priority-aware"
+    FIFO = "fifo"
+
+
+class Overlap(enum.StrEnum):
+    """What to do when an occurrence comes due while the previous run is still going
+    (Temporal Schedules' overlap policies)."""
+
+    SKIP = "skip"
+    BUFFER_ONE = "buffer_one"
+    BUFFER_ALL = "buffer_all"
+    CANCEL_OTHER = "cancel_other"
+    ALLOW_ALL = "allow_all"
+
+
+class Misfire(enum.StrEnum):
+    """What to do with occurrences missed while the kernel was down."""
+
+    COALESCE = "coalesce"
+    CATCH_UP = "catch_up"
+    SKIP = "skip"
+
+
+class GpuUnavailable(enum.StrEnum):
+    HOLD = "hold"
+    REFUSE = "refuse"
+
+
+def _dur(v: float | str | None) -> float | None:
+    return None if v is None else parse_duration(v)
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    def _durations(self, *names: str) -> None:
+        for name in names:
+            try:
+                setattr(self, name, _dur(getattr(self, name)))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+
+
+class KernelSection(_Section):
+    timezone: str = "UTC"
+    log_level: str = "info"
+    log_format: str = "auto"   # auto | json | text
+    data_dir: str = ""         # default: $KERNEL_DATA_DIR, else $XDG_DATA_HOME/open-autoglm-kernel
+    shutdown_grace: float | str = 10.0
+
+    def __post_init__(self) -> None:
+        self._durations("shutdown_grace")
+        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("log_level: must be one of debug, info, warning, error")
+        if self.log_format not in {"auto", "json", "text"}:
+            raise ValueError("log_format: must be one of auto, json, text")
+
+
+class ServerSection(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8765
+    read_timeout: float | str = 30.0
+    write_timeout: float | str = 30.0
+    max_body_bytes: int = 1 << 20
+    token_env: str = "KERNEL_API_TOKEN"
+
+    def __post_init__(self) -> None:
+        self._durations("read_timeout", "write_timeout")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port: must be 0-65535 (0 picks a free port)")
+
+
+class StoreSection(_Section):
+    backend: str = "sqlite"     # sqlite | memory
+    path: str = ""              # default: <data_dir>/kernel.sqlite3
+    synchronous: str = "NORMAL"  # NORMAL | FULL
+    history_max_rows: int = 100_000
+    history_max_age: float | str = "30d"
+    dedup_ttl: float | str = "24h"
+
+    def __post_init__(self) -> None:
+        self._durations("history_max_age", "dedup_ttl")
+        if self.backend not in {"sqlite", "memory"}:
+            raise ValueError("backend: must be 'sqlite' or 'memory'")
+        if self.synchronous.upper() not in {"NORMAL", "FULL", "OFF", "EXTRA"}:
+            raise ValueError("synchronous: must be NORMAL, FULL, EXTRA or OFF")
+
+
+class SchedulerSection(_Section):
+    policy: Policy = Policy.PRIORITY_AWARE
+    queue_depth: int = 1024
+    timeout_sec: float = 300.0
+    max_concurrency: int = 8
+    aging: float | str = "30s"   # a waiting job gains one priority level per `aging`
+    gpu_unavailable: GpuUnavailable = GpuUnavailable.HOLD
+    concurrency_limits: dict[str, int] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._durations("aging")
+        if self.queue_depth < 1:
+            raise ValueError("queue_depth: must be at least 1")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency: must be at least 1")
+        if self.timeout_sec <= 0:
+            raise ValueError("timeout_sec: must be positive")
+
+
+class RetryPolicy(_Section):
+    max_attempts: int = 1
+    initial_delay: float | str = 1.0
+    max_delay: float | str = 300.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        self._durations("initial_delay", "max_delay")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts: must be at least 1")
+        if self.multiplier < 1:
+            raise ValueError("multiplier: must be at least 1")
+
+
+class TaskConfig(_Section):
+    id: str
+    action: str
+    schedule: str | None = None
+    enabled: bool = True
+    description: str = ""
+    payload: dict[str, Any] = msgspec.field(default_factory=dict)
+    priority: int = 0
+    timeout: float | str | None = None
+    tz: str | None = None
+    jitter: float | str = 0.0
+    after: list[str] = msgspec.field(default_factory=list)
+    overlap: Overlap = Overlap.SKIP
+    max_instances: int = 1
+    misfire: Misfire = Misfire.COALESCE
+    misfire_grace: float | str = 60.0
+    max_catch_up: int = 10
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    gpu_memory_mb: int = 0
+    gpu: int | str = "any"
+    concurrency_key: str | None = None
+
+    def __post_init__(self) -> None:
+        self._durations("timeout", "jitter", "misfire_grace")
+        if not TASK_ID_RE.match(self.id):
+            raise ValueError("id: must be 1-128 characters of letters, digits, '_', '.', '-'")
+        if self.max_instances < 1:
+            raise ValueError("max_instances: must be at least 1")
+        if self.max_catch_up < 0:
+            raise ValueError("max_catch_up: must be 0 or more")
+        if self.gpu_memory_mb < 0:
+            raise ValueError("gpu_memory_mb: must be 0 or more")
+        if isinstance(self.gpu, str) and self.gpu != "any":
+            raise ValueError("gpu: must be a GPU index (0, 1, ...) or \"any\"")
+
+
+class Config(msgspec.Struct, kw_only=True):
+    kernel: KernelSection = msgspec.field(default_factory=KernelSection)
+    server: ServerSection = msgspec.field(default_factory=ServerSection)
+    store: StoreSection = msgspec.field(default_factory=StoreSection)
+    scheduler: SchedulerSection = msgspec.field(default_factory=SchedulerSection)
+    tasks: list[TaskConfig] = msgspec.field(default_factory=list)
+    plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    source: str = "<default>"
+
+    def data_dir(self) -> Path:
+        if self.kernel.data_dir:
+            return Path(self.kernel.data_dir).expanduser()
+        if env := os.environ.get("KERNEL_DATA_DIR"):
+            return Path(env).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
+        return Path(base) / "open-autoglm-kernel"
+
+    def store_path(self) -> Path:
+        if self.store.path:
+            p = Path(self.store.path).expanduser()
+            return p if p.is_absolute() else self.data_dir() / p
+        return self.data_dir() / "kernel.sqlite3"
+
+    def task(self, task_id: str) -> TaskConfig | None:
+        return next((t for t in self.tasks if t.id == task_id), None)
+
+
+def secs(value: float | str | None) -> float | None:
+    """A duration field after decoding (decoding turns every duration into float seconds)."""
+    return None if value is None else float(value)
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "kernel": KernelSection,
+    "server": ServerSection,
+    "store": StoreSection,
+    "scheduler": SchedulerSection,
+}
+
+
+def _convert(
+    raw: dict[str, Any], typ: type[_Section], file: str, where: str, issues: list[ConfigIssue]
+) -> Any:
+    """Convert ``raw`` into ``typ``; on each error note it, drop the field and try again."""
+    data = dict(raw)
+    dropped: set[str] = set()
+    for _ in range(64):
+        try:
+            return msgspec.convert(data, typ, strict=False)
+        except msgspec.ValidationError as exc:
+            msg = str(exc)
+            m = re.search(r"unknown field `([^`]+)`", msg)
+            if m:
+                field = m.group(1)
+                valid = ", ".join(typ.__struct_fields__)
+                issues.append(ConfigIssue(file, f"{where}.{field}", f"unknown field (valid: {valid})"))
+                data.pop(field, None)
+                continue
+            m = re.search(r" - at `\$\.([A-Za-z0-9_]+)", msg)
+            field = m.group(1) if m else None
+            if field is not None and field in data:
+                text = msg.split(" - at ")[0]
+                issues.append(ConfigIssue(file, f"{where}.{field}", _explain(typ, field, text)))
+                data.pop(field)
+                dropped.add(field)
+                continue
+            m = re.match(r"([a-z_]+): (.*)", msg)
+            if m and m.group(1) in data:
+                issues.append(ConfigIssue(file, f"{where}.{m.group(1)}", m.group(2)))
+                data.pop(m.group(1))
+                dropped.add(m.group(1))
+                continue
+            if "missing required field" in msg:
+                m = re.search(r"`([^`]+)`", msg)
+                name = m.group(1) if m else "?"
+                if name not in dropped:
+                    issues.append(ConfigIssue(file, f"{where}.{name}", "missing required field"))
+                return None
+            issues.append(ConfigIssue(file, where, msg))
+            return None
+    return None
+
+
+def _explain(typ: type[_Section], field: str, text: str) -> str:
+    ann = typ.__annotations__.get(field)
+    enum_type = {"policy": Policy, "overlap": Overlap, "misfire": Misfire,
+                 "gpu_unavailable": GpuUnavailable}.get(field)
+    if enum_type is not None and "Invalid enum value" in text:
+        return f"{text} (valid: {', '.join(e.value for e in enum_type)})"
+    if ann is not None and "float | str" in str(ann):
+        return f"{text} (valid: seconds, or a duration like '30s', '5m', '1h30m')"
+    return text
+
+
+def decode(raw: dict[str, Any], file: str) -> tuple[Config, list[ConfigIssue]]:
+    """Decode a parsed TOML/YAML document; returns the config (with bad parts dropped) and issues."""
+    issues: list[ConfigIssue] = []
+    cfg = Config(source=file)
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                issues.append(ConfigIssue(file, f"[{key}]", "must be a table"))
+                continue
+            sec = _convert(value, _SECTIONS[key], file, f"[{key}]", issues)
+            if sec is not None:
+                setattr(cfg, key, sec)
+        elif key == "tasks":
+            if not isinstance(value, list):
+                issues.append(ConfigIssue(file, "tasks", "must be an array of tables [[tasks]]"))
+                continue
+            for i, t in enumerate(value):
+                label = f"tasks[{i}]"
+                if isinstance(t, dict) and isinstance(t.get("id"), str):
+                    label = f"task {t['id']!r}"
+                if not isinstance(t, dict):
+                    issues.append(ConfigIssue(file, label, "must be a table"))
+                    continue
+                task = _convert(t, TaskConfig, file, label, issues)
+                if task is not None:
+                    cfg.tasks.append(task)
+        elif key == "plugins":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                issues.append(ConfigIssue(file, "[plugins]", "must hold one table per plugin"))
+                continue
+            cfg.plugins = value
+        else:
+            issues.append(ConfigIssue(
+                file, f"[{key}]",
+                "unknown section (valid: kernel, server, store, scheduler, tasks, plugins)"))
+    seen: set[str] = set()
+    for t in cfg.tasks:
+        if t.id in seen:
+            issues.append(ConfigIssue(file, f"task {t.id!r}", "duplicate task id"))
+        seen.add(t.id)
+    return cfg, issues
+
+
+def default_config_text() -> str:
+    return (Path(__file__).parent / DEFAULT_CONFIG_NAME).read_text("utf-8")
+
+
+def parse_text(text: str, file: str) -> tuple[Config, list[ConfigIssue]]:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return Config(source=file), [ConfigIssue(file, "syntax", f"not valid TOML: {exc}")]
+    return decode(raw, file)
+
+
+def parse_seed_yaml(text: str, file: str) -> tuple[list[TaskConfig], list[ConfigIssue]]:
+    """The seed's format: ``tasks: [{id, schedule, action, enabled}, ...]``."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        return [], [ConfigIssue(file, "syntax", f"not valid YAML: {exc}")]
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list):
+        return [], [ConfigIssue(file, "tasks", "expected a mapping with a 'tasks:' list")]
+    cfg, issues = decode({"tasks": raw["tasks"]}, file)
+    return cfg.tasks, issues
+
+
+def load(path: Path | None = None, *, tasks_file: Path | None = None) -> Config:
+    """Load and decode a config; raises ConfigError listing every decoding problem."""
+    if path is None:
+        text, file = default_config_text(), "<embedded default config.toml>"
+    else:
+        try:
+            text, file = path.read_text("utf-8"), str(path)
+        except OSError as exc:
+            raise ConfigError([ConfigIssue(str(path), "-", f"cannot read: {exc.strerror}")]) from None
+    cfg, issues = parse_text(text, file)
+    if tasks_file is not None:
+        try:
+            ytext = tasks_file.read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                [ConfigIssue(str(tasks_file), "-", f"cannot read: {exc.strerror}")]) from None
+        extra, more = parse_seed_yaml(ytext, str(tasks_file))
+        issues += more
+        known = {t.id for t in cfg.tasks}
+        for t in extra:
+            if t.id in known:
+                issues.append(ConfigIssue(str(tasks_file), f"task {t.id!r}",
+                                          f"duplicate task id (also in {file})"))
+            cfg.tasks.append(t)
+    if issues:
+        raise ConfigError(issues)
+    return cfg

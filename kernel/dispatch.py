@@ -1,0 +1,250 @@
+"""The dispatcher: which ready jobs start now. Synchronous decisions only; the kernel awaits.
+
+``offer()`` decides what happens to a job that came due (enqueue, skip, or cancel the running
+ones, by the task's overlap policy); ``plan()`` picks the jobs to start given priorities,
+``max_concurrency``, per-task ``max_instances``, per-key limits and resource gates (GPU memory),
+and marks them running; ``finished()`` releases what a job held.
+
+Priority with aging: a job of priority ``p`` enqueued at ``t`` has effective priority
+``p + (now - t) / aging``. Ordering by that is the same as ordering by ``t - p * aging`` (``now``
+is common to all), so one heap keyed on ``t - p * aging`` serves both priority and aging: a job
+never waits behind higher priorities for more than ``(p_high - p) * aging`` seconds. ``fifo``
+keys on ``t`` alone. Ties keep submission order.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .config import Overlap, Policy
+from .records import Job
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRules:
+    """What the dispatcher needs to know about a task."""
+
+    max_instances: int = 1
+    overlap: Overlap = Overlap.SKIP
+    concurrency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_concurrency: int = 8
+    queue_depth: int = 1024
+    policy: Policy = Policy.PRIORITY_AWARE
+    aging: float = 30.0
+    concurrency_limits: dict[str, int] = field(default_factory=dict)
+
+
+class Gate(Protocol):
+    """A resource that must admit a job before it starts (GPU memory, for example)."""
+
+    def try_admit(self, job: Job) -> bool:
+        """Reserve what ``job`` needs and return True, or return False to hold it."""
+        ...
+
+    def release(self, job: Job) -> None:
+        """Give back what ``try_admit`` reserved for ``job``."""
+        ...
+
+
+class Verdict(enum.Enum):
+    ENQUEUED = "enqueued"
+    SKIPPED = "skipped"          # overlap skip / buffer_one already full
+    CANCEL_RUNNING = "cancel"    # enqueued; the kernel must cancel `cancel` first
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    cancel: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class _Entry:
+    key: float
+    seq: int
+    job: Job
+    enqueued_at: float
+    concurrency_key: str | None
+    overlap_exempt: bool
+
+    def __lt__(self, other: _Entry) -> bool:
+        return (self.key, self.seq) < (other.key, other.seq)
+
+
+@dataclass(slots=True)
+class _Running:
+    job: Job
+    concurrency_key: str | None
+    started_at: float
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        limits: Limits,
+        rules: Callable[[str], TaskRules | None] = lambda _task_id: None,
+        gates: Iterable[Gate] = (),
+    ) -> None:
+        self.limits = limits
+        self._rules = rules
+        self._gates = list(gates)
+        self._heap: list[_Entry] = []
+        self._seq = itertools.count()
+        self._running: dict[str, _Running] = {}
+        self._by_task: Counter[str] = Counter()
+        self._queued_by_task: Counter[str] = Counter()
+        self._by_key: Counter[str] = Counter()
+        self._held: dict[str, str] = {}  # job id -> why it is not starting (for the snapshot)
+
+    # ---- what the kernel asks -------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return len(self._heap)
+
+    @property
+    def running(self) -> dict[str, Job]:
+        return {k: r.job for k, r in self._running.items()}
+
+    def has_room(self) -> bool:
+        """Whether a new submission due now may join the ready queue (``queue_depth``)."""
+        return len(self._heap) < self.limits.queue_depth
+
+    def running_of(self, task_id: str) -> list[str]:
+        return [jid for jid, r in self._running.items() if r.job.task_id == task_id]
+
+    def queued_jobs(self) -> list[Job]:
+        return [e.job for e in sorted(self._heap)]
+
+    def held_reason(self, job_id: str) -> str | None:
+        return self._held.get(job_id)
+
+    # ---- decisions --------------------------------------------------------------------------
+    def offer(self, job: Job, now: float, *, occurrence: bool = False,
+              concurrency_key: str | None = None) -> Decision:
+        """A job came due. Occurrences of a task are subject to its overlap policy."""
+        rules = self._rules(job.task_id) if job.task_id else None
+        key = concurrency_key or (rules.concurrency_key if rules else None)
+        if occurrence and rules is not None and job.task_id is not None:
+            busy = self._by_task[job.task_id] >= rules.max_instances
+            queued = self._queued_by_task[job.task_id]
+            if busy or queued:
+                if rules.overlap is Overlap.SKIP:
+                    return Decision(Verdict.SKIPPED)
+                if rules.overlap is Overlap.BUFFER_ONE and queued >= 1:
+                    return Decision(Verdict.SKIPPED)
+                if rules.overlap is Overlap.CANCEL_OTHER:
+                    self._drop_queued(job.task_id)
+                    self._push(job, now, key, overlap_exempt=True)
+                    return Decision(Verdict.CANCEL_RUNNING, tuple(self.running_of(job.task_id)))
+                if rules.overlap is Overlap.ALLOW_ALL:
+                    self._push(job, now, key, overlap_exempt=True)
+                    return Decision(Verdict.ENQUEUED)
+        self._push(job, now, key, overlap_exempt=bool(
+            rules is not None and rules.overlap is Overlap.ALLOW_ALL))
+        return Decision(Verdict.ENQUEUED)
+
+    def plan(self, now: float, *, scan_limit: int = 10_000) -> list[Job]:
+        """Pick the jobs that start now and mark them running. Blocked jobs keep their place."""
+        starts: list[Job] = []
+        deferred: list[_Entry] = []
+        free = self.limits.max_concurrency - len(self._running)
+        scanned = 0
+        while self._heap and free > 0 and scanned < scan_limit:
+            entry = heapq.heappop(self._heap)
+            scanned += 1
+            why = self._blocked(entry)
+            if why is not None:
+                self._held[entry.job.id] = why
+                deferred.append(entry)
+                continue
+            self._held.pop(entry.job.id, None)
+            job = entry.job
+            if job.task_id:
+                self._queued_by_task[job.task_id] -= 1
+                self._by_task[job.task_id] += 1
+            if entry.concurrency_key:
+                self._by_key[entry.concurrency_key] += 1
+            self._running[job.id] = _Running(job, entry.concurrency_key, now)
+            starts.append(job)
+            free -= 1
+        for entry in deferred:
+            heapq.heappush(self._heap, entry)
+        return starts
+
+    def finished(self, job: Job) -> None:
+        """``job`` stopped running (any outcome): release its slot, key and reservations."""
+        r = self._running.pop(job.id, None)
+        if r is None:
+            return
+        if job.task_id:
+            self._by_task[job.task_id] -= 1
+        if r.concurrency_key:
+            self._by_key[r.concurrency_key] -= 1
+        for gate in self._gates:
+            gate.release(job)
+
+    def remove(self, job_id: str) -> Job | None:
+        """Take a queued job out (cancelled by a user). Running jobs are not touched."""
+        for i, e in enumerate(self._heap):
+            if e.job.id == job_id:
+                self._heap[i] = self._heap[-1]
+                self._heap.pop()
+                heapq.heapify(self._heap)
+                if e.job.task_id:
+                    self._queued_by_task[e.job.task_id] -= 1
+                self._held.pop(job_id, None)
+                return e.job
+        return None
+
+    # ---- internals --------------------------------------------------------------------------
+    def _push(self, job: Job, now: float, key: str | None, *, overlap_exempt: bool) -> None:
+        if self.limits.policy is Policy.FIFO:
+            sort_key = now
+        else:
+            sort_key = now - job.priority * self.limits.aging
+        heapq.heappush(self._heap, _Entry(sort_key, next(self._seq), job, now, key,
+                                          overlap_exempt))
+        if job.task_id:
+            self._queued_by_task[job.task_id] += 1
+
+    def _drop_queued(self, task_id: str) -> None:
+        keep = [e for e in self._heap if e.job.task_id != task_id]
+        if len(keep) != len(self._heap):
+            self._heap = keep
+            heapq.heapify(self._heap)
+            self._queued_by_task[task_id] = 0
+
+    def _blocked(self, entry: _Entry) -> str | None:
+        job = entry.job
+        if job.task_id and not entry.overlap_exempt:
+            rules = self._rules(job.task_id)
+            limit = rules.max_instances if rules else 1
+            if self._by_task[job.task_id] >= limit:
+                return f"task {job.task_id!r} already runs {limit} instance(s)"
+        key = entry.concurrency_key
+        if key is not None:
+            limit = self.limits.concurrency_limits.get(key)
+            if limit is not None and self._by_key[key] >= limit:
+                return f"concurrency key {key!r} is at its limit of {limit}"
+        admitted: list[Gate] = []
+        for gate in self._gates:
+            if not gate.try_admit(job):
+                for g in admitted:
+                    g.release(job)
+                return f"waiting for {type(gate).__name__}"
+            admitted.append(gate)
+        return None
+
+    def __repr__(self) -> str:
+        return (f"<Dispatcher queued={len(self._heap)} running={len(self._running)}"
+                f" max={self.limits.max_concurrency}>")

@@ -1,0 +1,130 @@
+"""Typed events and the bus observers subscribe to.
+
+The kernel publishes; metrics, logs, the TUI, alert plugins and dependency handling subscribe.
+Subscribers are synchronous and must be quick (put the event on a queue for slow work): the bus
+calls them in order and a failing subscriber is logged, never allowed to break the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import msgspec
+
+from .records import JobKind, MisfireRecord, RunRecord
+
+log = logging.getLogger("kernel.events")
+
+
+class Event(msgspec.Struct, tag=True, frozen=True, kw_only=True):
+    at: float  # wall instant of the event
+
+
+class KernelStarted(Event):
+    data_dir: str
+    store: str
+    api_url: str | None
+    tasks: int
+    recovered_jobs: int
+
+
+class KernelStopping(Event):
+    reason: str
+
+
+class JobSubmitted(Event):
+    job_id: str
+    task_id: str | None
+    action: str
+    kind: JobKind
+    due_at: float
+    trace_id: str
+
+
+class JobScheduled(Event):
+    """A task's next occurrence was armed."""
+
+    task_id: str
+    due_at: float
+
+
+class RunStarted(Event):
+    job_id: str
+    task_id: str | None
+    action: str
+    trace_id: str
+    span_id: str
+    attempt: int
+    scheduled_at: float | None
+    lateness: float
+    recovered: bool
+
+
+class RunFinished(Event):
+    run: RunRecord
+    duration: float
+
+
+class RunSucceeded(RunFinished):
+    pass
+
+
+class RunFailed(RunFinished):
+    will_retry: bool = False
+    retry_at: float | None = None
+
+
+class RunTimedOut(RunFinished):
+    will_retry: bool = False
+    retry_at: float | None = None
+
+
+class RunCancelled(RunFinished):
+    pass
+
+
+class RunSkipped(RunFinished):
+    pass
+
+
+class MisfireDecided(Event):
+    record: MisfireRecord
+
+
+class ConfigReloaded(Event):
+    source: str
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    error: str | None = None
+
+
+class StoreFailed(Event):
+    error_code: str
+    message: str
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subs: list[Subscriber] = []
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        """Add ``fn``; returns a function that removes it again."""
+        self._subs.append(fn)
+
+        def unsubscribe() -> None:
+            if fn in self._subs:
+                self._subs.remove(fn)
+
+        return unsubscribe
+
+    def publish(self, event: Event) -> None:
+        for fn in tuple(self._subs):
+            try:
+                fn(event)
+            except Exception:  # an observer's bug must not harm the kernel
+                log.exception("event subscriber %r failed on %s", fn, type(event).__name__)

@@ -1,0 +1,117 @@
+"""The plugin contract: typed pluggy hook specs and the objects plugins hand to the kernel.
+
+A plugin is a module (or object) with ``@hookimpl`` functions, published through the entry-point
+group ``open_autoglm_kernel.plugins``. pluggy hooks are synchronous: they *return* actions and
+subscribers whose async methods the kernel awaits. Built-in actions use the same hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pluggy
+
+from .events import Event
+
+PROJECT = "open_autoglm_kernel"
+ENTRY_POINT_GROUP = "open_autoglm_kernel.plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """What an action knows about the run it is doing."""
+
+    job_id: str
+    task_id: str | None
+    action: str
+    trace_id: str
+    span_id: str
+    attempt: int
+    scheduled_at: float | None
+    timeout: float | None
+    log: logging.LoggerAdapter[logging.Logger]
+    gpu_index: int | None = None
+    parent_span_id: str | None = None
+
+    @property
+    def traceparent(self) -> str:
+        """W3C trace context header for outgoing calls."""
+        return f"00-{self.trace_id}-{self.span_id}-01"
+
+    def env(self) -> dict[str, str]:
+        """The KERNEL_* variables given to child processes."""
+        env = {
+            "KERNEL_JOB_ID": self.job_id,
+            "KERNEL_TASK_ID": self.task_id or "",
+            "KERNEL_TRACE_ID": self.trace_id,
+            "KERNEL_SPAN_ID": self.span_id,
+            "KERNEL_ATTEMPT": str(self.attempt),
+            "KERNEL_SCHEDULED_AT": "" if self.scheduled_at is None else repr(self.scheduled_at),
+            "TRACEPARENT": self.traceparent,
+        }
+        if self.gpu_index is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_index)
+        return env
+
+
+ActionFn = Callable[[RunContext, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """An action a task or submission can name.
+
+    ``payload_type`` (a msgspec Struct or any type msgspec can convert into) is used to check a
+    payload when it is submitted and to decode it before ``run`` is called; ``None`` passes the
+    payload dict through. ``concurrency_key`` maps a decoded payload to a key such as a model
+    endpoint, limited by ``[scheduler] concurrency_limits``.
+    """
+
+    name: str
+    run: ActionFn
+    description: str = ""
+    payload_type: Any = None
+    concurrency_key: Callable[[Any], str | None] | None = None
+    plugin: str = ""
+
+
+class Subscriber(Protocol):
+    """An observer of run events contributed by a plugin (alerts, for example)."""
+
+    def handle(self, event: Event) -> None:
+        """Called synchronously for every event: be quick, queue slow work for ``run``."""
+        ...
+
+    async def run(self) -> None:
+        """Background work, owned by the kernel's task group and cancelled at shutdown."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PluginContext:
+    """What a plugin is told at start-up: its settings from ``[plugins.<name>]``, the data dir."""
+
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    data_dir: Path = Path(".")
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        return self.settings.get(name, {})
+
+
+class KernelHooks:
+    """The hook specifications (the class only namespaces them for pluggy)."""
+
+    @hookspec
+    def register_actions(self, context: PluginContext) -> list[Action]:  # type: ignore[empty-body]
+        """Return the actions this plugin provides."""
+
+    @hookspec
+    def register_subscribers(self, context: PluginContext) -> list[Subscriber]:  # type: ignore[empty-body]
+        """Return observers of the kernel's events (run started/finished, reloads...)."""

@@ -1,0 +1,153 @@
+"""Logging: one JSON object per line (or readable text on a terminal), secrets redacted,
+and an event observer that turns run events into log lines with trace id, task, job, attempt,
+outcome, duration and error code."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import sys
+from typing import IO, Any
+
+from .events import (
+    ConfigReloaded,
+    Event,
+    KernelStarted,
+    KernelStopping,
+    MisfireDecided,
+    RunFinished,
+    RunStarted,
+    StoreFailed,
+)
+
+_FIELDS = ("trace_id", "span_id", "task_id", "job_id", "attempt", "outcome", "duration",
+           "error_code", "action", "lateness")
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{6,}"),
+    re.compile(r"(?i)((?:api[_-]?key|token|password|secret)\"?\s*[:=]\s*\"?)[^\s\",}]{3,}"),
+    re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
+]
+
+
+class Redactor(logging.Filter):
+    """Masks values of secret-looking environment variables and common secret patterns."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        super().__init__()
+        env = os.environ if environ is None else environ
+        self.values = sorted({v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 6},
+                             key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for v in self.values:
+            text = text.replace(v, "***")
+        for pat in _SECRET_PATTERNS:
+            text = pat.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        red = self.redact(msg)
+        if red != msg:
+            record.msg, record.args = red, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for f in _FIELDS:
+            v = getattr(record, f, None)
+            if v is not None:
+                out[f] = v
+        if record.exc_info:
+            out["exc"] = self.redactor.redact(self.formatException(record.exc_info))
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s%(ctx)s")
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        bits = [f"{f}={getattr(record, f)}" for f in ("task_id", "trace_id", "error_code")
+                if getattr(record, f, None) is not None]
+        record.ctx = (" [" + " ".join(bits) + "]") if bits else ""
+        text = super().format(record)
+        return self.redactor.redact(text) if record.exc_info else text
+
+
+def setup(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None) -> None:
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if stream.isatty() else "json"
+    redactor = Redactor()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(redactor)
+    handler.setFormatter(JsonFormatter(redactor) if fmt == "json" else TextFormatter(redactor))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for noisy in ("aiosqlite", "asyncio", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class EventLogger:
+    """Observer: one log line per run event, carrying the run's fields as structured extras."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or logging.getLogger("kernel.runs")
+
+    def __call__(self, ev: Event) -> None:
+        if isinstance(ev, RunStarted):
+            self.log.debug("run started: %s", ev.task_id or ev.action, extra={
+                "trace_id": ev.trace_id, "span_id": ev.span_id, "task_id": ev.task_id,
+                "job_id": ev.job_id, "attempt": ev.attempt, "action": ev.action,
+                "lateness": round(ev.lateness, 6)})
+        elif isinstance(ev, RunFinished):
+            r = ev.run
+            level = logging.INFO if r.outcome.value in ("succeeded", "skipped") else logging.WARNING
+            text = f"run {r.outcome.value}: {r.task_id or r.action}"
+            if r.error_code:
+                text += f" [{r.error_code}] {r.detail[:300]}"
+            self.log.log(level, text, extra={
+                "trace_id": r.trace_id, "span_id": r.span_id, "task_id": r.task_id,
+                "job_id": r.job_id, "attempt": r.attempt, "outcome": r.outcome.value,
+                "duration": round(ev.duration, 6), "error_code": r.error_code,
+                "action": r.action})
+        elif isinstance(ev, MisfireDecided):
+            rec = ev.record
+            self.log.warning("misfire: task %s missed %d occurrence(s); policy %s ran %d",
+                             rec.task_id, rec.missed, rec.policy, rec.ran,
+                             extra={"task_id": rec.task_id, "error_code": "ERR_MISFIRE_SKIPPED"})
+        elif isinstance(ev, ConfigReloaded):
+            if ev.error:
+                self.log.error("reload from %s rejected: %s", ev.source, ev.error,
+                               extra={"error_code": "ERR_CONFIG_INVALID"})
+            else:
+                self.log.info("reloaded %s: added=%s removed=%s changed=%s", ev.source,
+                              ev.added, ev.removed, ev.changed)
+        elif isinstance(ev, StoreFailed):
+            self.log.error("store failure: %s", ev.message, extra={"error_code": ev.error_code})
+        elif isinstance(ev, KernelStarted):
+            self.log.info("kernel started: %d task(s), store %s, api %s, %d job(s) recovered",
+                          ev.tasks, ev.store, ev.api_url or "off", ev.recovered_jobs)
+        elif isinstance(ev, KernelStopping):
+            self.log.info("kernel stopping (%s)", ev.reason)

@@ -1,0 +1,125 @@
+"""The composition root: build a kernel from a typed config and run it as a process.
+
+This is the only module that picks implementations: the store backend, the real clock, the
+plugin set, the observers (logs, metrics, TUI), the API server and the config watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+from . import logs
+from .app import Kernel, KernelParts
+from .clock import Clock, SystemClock
+from .config import Config
+from .errors import ConfigError, KernelError
+from .events import EventBus
+from .hookspecs import PluginContext
+from .plugins import PluginSet
+from .plugins import load as load_plugins
+from .store.base import Store
+from .store.memory import MemoryStore
+from .store.sqlite import SqliteStore
+from .validate import validate
+
+log = logging.getLogger("kernel.main")
+
+
+def make_store(cfg: Config) -> Store:
+    if cfg.store.backend == "memory":
+        return MemoryStore()
+    path = cfg.store_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteStore(path, synchronous=cfg.store.synchronous.upper())
+
+
+def plugin_set(cfg: Config) -> PluginSet:
+    return load_plugins(PluginContext(settings=cfg.plugins, data_dir=cfg.data_dir()))
+
+
+def build(
+    cfg: Config,
+    *,
+    clock: Clock | None = None,
+    plugins: PluginSet | None = None,
+    store: Store | None = None,
+    parts: KernelParts | None = None,
+) -> Kernel:
+    plugins = plugins or plugin_set(cfg)
+    bus = EventBus()
+    bus.subscribe(logs.EventLogger())
+    return Kernel(cfg, clock=clock or SystemClock(), store=store or make_store(cfg),
+                  plugins=plugins, bus=bus, parts=parts)
+
+
+def load_checked(config_path: Path | None, tasks_file: Path | None,
+                 plugins: PluginSet | None) -> Config:
+    """Load, decode and validate; raises ConfigError listing every problem."""
+    cfg = config_mod.load(config_path, tasks_file=tasks_file)
+    issues = validate(cfg, plugins)
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+async def serve(config_path: Path | None, tasks_file: Path | None, *,
+                log_format: str | None = None, tui: bool = False) -> int:
+    plugins = plugin_set(config_mod.load(config_path, tasks_file=tasks_file))
+    cfg = load_checked(config_path, tasks_file, plugins)
+    logs.setup(cfg.kernel.log_level, log_format or cfg.kernel.log_format)
+    for p in plugins.problems:
+        log.error("plugin %s: %s", p.plugin, p.message)
+    services = []
+    if cfg.server.enabled:
+        try:
+            from .api.server import api_service
+        except ImportError:  # the API room is optional
+            pass
+        else:
+            services.append(api_service)
+    kernel = build(cfg, plugins=plugins, parts=KernelParts(services=services))
+
+    async def reload(source: str) -> None:
+        try:
+            new = load_checked(config_path, tasks_file, plugins)
+        except KernelError as exc:
+            kernel.report_reload_error(source, exc)
+            return
+        await kernel.reload(new, source)
+
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        t = loop.create_task(reload("SIGHUP"))
+        reloads.add(t)
+        t.add_done_callback(reloads.discard)
+
+    for sig, fn in ((signal.SIGINT, lambda: kernel.stop("SIGINT")),
+                    (signal.SIGTERM, lambda: kernel.stop("SIGTERM")),
+                    (signal.SIGHUP, on_hup)):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, fn)
+    print(f"Open-AutoGLM Kernel: config {cfg.source}", file=sys.stderr)
+    print(f"  data dir: {cfg.data_dir()}", file=sys.stderr)
+    store_desc = ("memory (nothing persists)" if cfg.store.backend == "memory"
+                  else str(cfg.store_path()))
+    print(f"  store:    {store_desc}", file=sys.stderr)
+    print("  stop with Ctrl-C (SIGINT) or SIGTERM; reload the config with SIGHUP", file=sys.stderr)
+    await kernel.run()
+    return 0
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True

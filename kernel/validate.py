@@ -1,0 +1,88 @@
+"""Semantic checks of a decoded config: schedules, time zones, actions, payloads, dependencies.
+
+Returns every issue found (``ConfigIssue``: file, task, what is wrong and what would be valid);
+``python -m kernel validate`` prints them all and exits 1, the kernel refuses to start with them,
+and a hot reload keeps the old configuration.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+
+from .config import Config, TaskConfig
+from .triggers import parse_schedule
+from .errors import ConfigIssue, CronError, KernelError
+from .plugins import PluginSet
+
+
+def _tz_ok(tz: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def find_cycle(tasks: list[TaskConfig]) -> list[str] | None:
+    """A dependency cycle as a path ``[a, b, ..., a]``, or None."""
+    graph = {t.id: list(t.after) for t in tasks}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for up in graph.get(node, []):
+            if up not in graph:
+                continue
+            if state.get(up) == 1:
+                return [*stack[stack.index(up):], up]
+            if state.get(up) is None and (cyc := visit(up)):
+                return cyc
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for tid in graph:
+        if state.get(tid) is None and (cyc := visit(tid)):
+            return cyc
+    return None
+
+
+def validate(cfg: Config, plugins: PluginSet | None) -> list[ConfigIssue]:
+    file = cfg.source
+    issues: list[ConfigIssue] = []
+    if not _tz_ok(cfg.kernel.timezone):
+        issues.append(ConfigIssue(file, "[kernel].timezone",
+                                  f"unknown time zone {cfg.kernel.timezone!r} (valid: an IANA "
+                                  "name such as 'UTC', 'Europe/Berlin', 'Asia/Shanghai')"))
+    ids = {t.id for t in cfg.tasks}
+    for t in cfg.tasks:
+        where = f"task {t.id!r}"
+        tz = t.tz or cfg.kernel.timezone
+        if t.tz is not None and not _tz_ok(t.tz):
+            issues.append(ConfigIssue(file, f"{where}.tz", f"unknown time zone {t.tz!r} (valid: "
+                                      "an IANA name such as 'UTC', 'Europe/Berlin')"))
+        elif t.schedule is not None:
+            try:
+                parse_schedule(t.schedule, tz)
+            except CronError as exc:
+                issues.append(ConfigIssue(file, f"{where}.schedule", str(exc)))
+        for up in t.after:
+            if up not in ids:
+                issues.append(ConfigIssue(file, f"{where}.after",
+                                          f"unknown task {up!r} (tasks: {', '.join(sorted(ids))})"))
+            if up == t.id:
+                issues.append(ConfigIssue(file, f"{where}.after", "a task cannot depend on itself"))
+        if plugins is not None:
+            try:
+                action = plugins.action(t.action)
+                plugins.decode_payload(action, t.payload)
+            except KernelError as exc:
+                field = "action" if exc.code.value == "ERR_ACTION_NOT_FOUND" else "payload"
+                issues.append(ConfigIssue(file, f"{where}.{field}", f"[{exc.code}] {exc}"))
+    cycle = find_cycle(cfg.tasks)
+    if cycle and len(cycle) > 2:
+        issues.append(ConfigIssue(file, "tasks.after",
+                                  "dependency cycle (each task waits for the next): " + " -> ".join(cycle)))
+    return issues
