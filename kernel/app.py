@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,6 @@ import msgspec
 from . import ids
 from .clock import Clock
 from .config import Config, Misfire, TaskConfig, secs
-from .triggers import Schedule, ScheduleCache
 from .dispatch import Dispatcher, Gate, Limits, TaskRules, Verdict
 from .errors import (
     ActionError,
@@ -64,6 +64,7 @@ from .plugins import PluginSet
 from .records import Job, JobKind, JobState, Outcome, RunRecord, ScheduleState, SubmitResult
 from .retry import retry_delay
 from .store.base import Store
+from .triggers import Schedule, ScheduleCache
 from .wheel import TimingWheel
 
 log = logging.getLogger("kernel")
@@ -193,7 +194,7 @@ class KernelParts:
     """Extra parts the composition root may hand in (tests pass fakes here)."""
 
     gates: Sequence[Gate] = ()
-    services: Sequence[Callable[[Kernel], Awaitable[None]]] = ()
+    services: Sequence[Callable[[Kernel], Coroutine[Any, Any, None]]] = ()
     rng: random.Random = field(default_factory=random.Random)
 
 
@@ -297,12 +298,12 @@ class Kernel:
             log.info("waiting up to %.0f s for %d running job(s)", grace, len(self._running))
             deadline = self.clock.monotonic() + grace
             while self._running and self.clock.monotonic() < deadline:
-                ev = asyncio.Event()
+                done = asyncio.Event()
                 tasks = [r.task for r in self._running.values()]
                 waiter = asyncio.ensure_future(asyncio.wait(tasks))
-                waiter.add_done_callback(lambda _f: ev.set())
+                waiter.add_done_callback(functools.partial(_set_event, done))
                 try:
-                    await self.clock.sleep_until(deadline, ev)
+                    await self.clock.sleep_until(deadline, done)
                 finally:
                     waiter.cancel()
         for r in list(self._running.values()):
@@ -365,7 +366,8 @@ class Kernel:
                 await self.store.record_misfire(plan.record)
             self.bus.publish(MisfireDecided(at=now, record=plan.record))
         if plan.run:
-            await self._fire_occurrences([(rt, t) for t in plan.run])
+            # caught-up occurrences queue behind each other whatever the overlap policy
+            await self._fire_occurrences([(rt, t) for t in plan.run], overlap=False)
         elif plan.last_considered is not None and tc.misfire is Misfire.SKIP:
             rt.last_scheduled_at = plan.last_considered
             with self._store_guard():
@@ -443,7 +445,8 @@ class Kernel:
                 else:
                     self._arm_next(rt, at)
 
-    async def _fire_occurrences(self, occ: Iterable[tuple[TaskRuntime, float]]) -> None:
+    async def _fire_occurrences(self, occ: Iterable[tuple[TaskRuntime, float]], *,
+                                overlap: bool = True) -> None:
         """Turn occurrences into durable CRON jobs (one batch) and offer them."""
         jobs: list[Job] = []
         wall = self.clock.wall()
@@ -467,7 +470,7 @@ class Kernel:
             if res.existed:
                 continue
             self.counters.submitted += 1
-            self._offer(res.job, now_mono, occurrence=True)
+            self._offer(res.job, now_mono, occurrence=overlap)
 
     def _offer(self, job: Job, now_mono: float, *, occurrence: bool = False) -> None:
         decision = self._dispatcher.offer(job, now_mono, occurrence=occurrence)
@@ -510,7 +513,8 @@ class Kernel:
         return self.config.scheduler.timeout_sec
 
     # ================================================================ one run
-    async def _run_job(self, job: Job, span: str, timeout: float | None) -> None:
+    async def _run_job(self, job: Job, span: str,
+                       timeout: float | None) -> None:
         wall = self.clock.wall()
         t0 = self.clock.monotonic()
         job.state = JobState.RUNNING
@@ -560,7 +564,8 @@ class Kernel:
             return
         await self._complete(job, span, res, wall, duration)
 
-    async def _call_action(self, job: Job, ctx: RunContext, timeout: float | None) -> Any:
+    async def _call_action(self, job: Job, ctx: RunContext,
+                           timeout: float | None) -> Any:
         action = self.plugins.action(job.action)
         payload = self.plugins.decode_payload(action, job.payload)
         inner = asyncio.ensure_future(action.run(ctx, payload))
@@ -718,14 +723,23 @@ class Kernel:
                 f"the ready queue is full ({self._dispatcher.queued} of "
                 f"{self.config.scheduler.queue_depth} waiting); nothing was stored")
         results = await self.store.submit(jobs, wall)
-        for res in results:
-            if not res.existed:
-                self.counters.submitted += 1
-                self._arm_job(res.job)
-                self.bus.publish(JobSubmitted(
-                    at=wall, job_id=res.job.id, task_id=res.job.task_id, action=res.job.action,
-                    kind=res.job.kind, due_at=res.job.due_at, trace_id=res.job.trace_id))
+        self._accept([r.job for r in results if not r.existed])
         return results
+
+    def _accept(self, jobs: Iterable[Job]) -> None:
+        """Jobs just made durable: due ones go straight to the ready queue, others to the wheel."""
+        wall = self.clock.wall()
+        mono = self.clock.monotonic()
+        for job in jobs:
+            self.counters.submitted += 1
+            if job.due_at <= wall:
+                self._offer(job, mono)
+            else:
+                self._arm_job(job)
+            self.bus.publish(JobSubmitted(
+                at=wall, job_id=job.id, task_id=job.task_id, action=job.action, kind=job.kind,
+                due_at=job.due_at, trace_id=job.trace_id))
+        self._pump()
 
     def _job_from(self, req: SubmitRequest, wall: float, *, task_id: str | None = None,
                   kind: JobKind = JobKind.SUBMIT) -> Job:
@@ -840,10 +854,7 @@ class Kernel:
         if not jobs:
             return []
         results = await self.store.submit(jobs, self.clock.wall())
-        for res in results:
-            if not res.existed:
-                self.counters.submitted += 1
-                self._arm_job(res.job)
+        self._accept([r.job for r in results if not r.existed])
         return [r.job for r in results]
 
     async def reload(self, new: Config, source: str = "reload") -> ConfigReloaded:
@@ -993,3 +1004,7 @@ def _iso(t: float) -> str:
 
 async def _as_coro(aw: Awaitable[None]) -> None:
     await aw
+
+
+def _set_event(ev: asyncio.Event, _f: object) -> None:
+    ev.set()

@@ -122,7 +122,7 @@ async def run_exec(ctx: RunContext, p: ExecPayload) -> str:
             env=_child_env(p, ctx),
             cwd=p.cwd,
             start_new_session=True,
-            preexec_fn=_preexec(p.limits),  # noqa: PLW1509 - only rlimits/nice, set when asked
+            preexec_fn=_preexec(p.limits),
         )
     except OSError as exc:
         raise ActionError(f"cannot start {p.argv[0]!r}: {exc.strerror or exc}",

@@ -209,7 +209,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     ap = _parser()
-    if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
+    if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
         args = ["run", *args]
     a = ap.parse_args(args)
     handler = COMMANDS.get(a.cmd) or getattr(a, "handler", None)

@@ -233,9 +233,9 @@ class Dispatcher:
                 return f"task {job.task_id!r} already runs {limit} instance(s)"
         key = entry.concurrency_key
         if key is not None:
-            limit = self.limits.concurrency_limits.get(key)
-            if limit is not None and self._by_key[key] >= limit:
-                return f"concurrency key {key!r} is at its limit of {limit}"
+            key_limit = self.limits.concurrency_limits.get(key)
+            if key_limit is not None and self._by_key[key] >= key_limit:
+                return f"concurrency key {key!r} is at its limit of {key_limit}"
         admitted: list[Gate] = []
         for gate in self._gates:
             if not gate.try_admit(job):

@@ -21,7 +21,7 @@ class Event(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     at: float  # wall instant of the event
 
 
-class KernelStarted(Event):
+class KernelStarted(Event, frozen=True):
     data_dir: str
     store: str
     api_url: str | None
@@ -29,11 +29,11 @@ class KernelStarted(Event):
     recovered_jobs: int
 
 
-class KernelStopping(Event):
+class KernelStopping(Event, frozen=True):
     reason: str
 
 
-class JobSubmitted(Event):
+class JobSubmitted(Event, frozen=True):
     job_id: str
     task_id: str | None
     action: str
@@ -42,14 +42,14 @@ class JobSubmitted(Event):
     trace_id: str
 
 
-class JobScheduled(Event):
+class JobScheduled(Event, frozen=True):
     """A task's next occurrence was armed."""
 
     task_id: str
     due_at: float
 
 
-class RunStarted(Event):
+class RunStarted(Event, frozen=True):
     job_id: str
     task_id: str | None
     action: str
@@ -61,38 +61,38 @@ class RunStarted(Event):
     recovered: bool
 
 
-class RunFinished(Event):
+class RunFinished(Event, frozen=True):
     run: RunRecord
     duration: float
 
 
-class RunSucceeded(RunFinished):
+class RunSucceeded(RunFinished, frozen=True):
     pass
 
 
-class RunFailed(RunFinished):
+class RunFailed(RunFinished, frozen=True):
     will_retry: bool = False
     retry_at: float | None = None
 
 
-class RunTimedOut(RunFinished):
+class RunTimedOut(RunFinished, frozen=True):
     will_retry: bool = False
     retry_at: float | None = None
 
 
-class RunCancelled(RunFinished):
+class RunCancelled(RunFinished, frozen=True):
     pass
 
 
-class RunSkipped(RunFinished):
+class RunSkipped(RunFinished, frozen=True):
     pass
 
 
-class MisfireDecided(Event):
+class MisfireDecided(Event, frozen=True):
     record: MisfireRecord
 
 
-class ConfigReloaded(Event):
+class ConfigReloaded(Event, frozen=True):
     source: str
     added: list[str]
     removed: list[str]
@@ -100,7 +100,7 @@ class ConfigReloaded(Event):
     error: str | None = None
 
 
-class StoreFailed(Event):
+class StoreFailed(Event, frozen=True):
     error_code: str
     message: str
 

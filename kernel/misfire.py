@@ -18,8 +18,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from .config import Misfire
-from .triggers import Schedule
 from .records import MisfireRecord
+from .triggers import Schedule
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pluggy
@@ -108,7 +108,7 @@ def _collect(ps: PluginSet, context: PluginContext) -> None:
     pm = ps.manager
     for impl in reversed(pm.hook.register_actions.get_hookimpls()):
         try:
-            actions = impl.function(context=context)
+            actions = cast(list[Action], impl.function(context=context))
         except Exception as exc:
             ps.problems.append(PluginProblem(impl.plugin_name,
                                              f"register_actions raised: {exc}",
@@ -131,7 +131,7 @@ def _collect(ps: PluginSet, context: PluginContext) -> None:
                 plugin=impl.plugin_name)
     for impl in reversed(pm.hook.register_subscribers.get_hookimpls()):
         try:
-            subs = impl.function(context=context)
+            subs = cast(list[Subscriber], impl.function(context=context))
         except Exception as exc:
             ps.problems.append(PluginProblem(impl.plugin_name,
                                              f"register_subscribers raised: {exc}",

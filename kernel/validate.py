@@ -10,9 +10,9 @@ from __future__ import annotations
 import zoneinfo
 
 from .config import Config, TaskConfig
-from .triggers import parse_schedule
 from .errors import ConfigIssue, CronError, KernelError
 from .plugins import PluginSet
+from .triggers import parse_schedule
 
 
 def _tz_ok(tz: str) -> bool:
@@ -84,5 +84,6 @@ def validate(cfg: Config, plugins: PluginSet | None) -> list[ConfigIssue]:
     cycle = find_cycle(cfg.tasks)
     if cycle and len(cycle) > 2:
         issues.append(ConfigIssue(file, "tasks.after",
-                                  "dependency cycle (each task waits for the next): " + " -> ".join(cycle)))
+                                  "dependency cycle (each task waits for the next): "
+                                  + " -> ".join(cycle)))
     return issues
