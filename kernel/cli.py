@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--log-format", choices=["auto", "json", "text"], default=None)
     run.add_argument("--tui", action="store_true", help="show the live terminal UI")
+    run.add_argument("--port", type=int, default=None,
+                     help="override [server] port (0 picks a free port)")
+    run.add_argument("--no-server", action="store_true", help="do not start the HTTP API")
 
     val = sub.add_parser("validate", help="check a config and report every problem")
     _add_config_args(val)
@@ -94,7 +97,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .main import serve
 
     try:
-        return _run_async(serve(a.config, a.tasks, log_format=a.log_format, tui=a.tui))
+        return _run_async(serve(a.config, a.tasks, log_format=a.log_format, tui=a.tui,
+                                port=a.port, server=not a.no_server))
     except ConfigError as exc:
         print("the kernel did not start: the configuration has problems:", file=sys.stderr)
         for issue in exc.issues:

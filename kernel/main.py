@@ -69,9 +69,14 @@ def load_checked(config_path: Path | None, tasks_file: Path | None,
 
 
 async def serve(config_path: Path | None, tasks_file: Path | None, *,
-                log_format: str | None = None, tui: bool = False) -> int:
+                log_format: str | None = None, tui: bool = False, port: int | None = None,
+                server: bool = True) -> int:
     plugins = plugin_set(config_mod.load(config_path, tasks_file=tasks_file))
     cfg = load_checked(config_path, tasks_file, plugins)
+    if port is not None:
+        cfg.server.port = port
+    if not server:
+        cfg.server.enabled = False
     logs.setup(cfg.kernel.log_level, log_format or cfg.kernel.log_format)
     for p in plugins.problems:
         log.error("plugin %s: %s", p.plugin, p.message)

@@ -1,0 +1,146 @@
+"""The built-in ``exec`` action with real child processes: environment, failures, process-group
+kill on timeout (also of a child that ignores SIGTERM), rlimits. Timeouts come from the fake
+clock; only the SIGTERM->SIGKILL grace is real time (0.2 s)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernel.app import SubmitRequest
+from kernel.records import Outcome, RunRecord
+
+from .harness import Harness, make_harness
+
+
+async def wait_for(cond, what: str, limit: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll a condition that depends on real I/O (a child process), with a bound."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not await cond():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def one_run(h: Harness) -> RunRecord:
+    async def done() -> bool:
+        return bool(await h.runs())
+    await wait_for(done, "the run to be recorded")
+    (run,) = await h.runs()
+    return run
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0): read its state
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_exec_gets_kernel_env_and_a_clean_environment(tmp_path: Path) -> None:
+    os.environ["SOME_SECRET_TOKEN"] = "do-not-leak"
+    try:
+        h = make_harness("")
+        await h.start()
+        script = ("import os, json; print(json.dumps({k: os.environ.get(k) for k in "
+                  "['KERNEL_JOB_ID','KERNEL_TASK_ID','KERNEL_TRACE_ID','KERNEL_ATTEMPT',"
+                  "'KERNEL_SCHEDULED_AT','SOME_SECRET_TOKEN','EXTRA','TRACEPARENT']}))")
+        res = await h.kernel.submit(SubmitRequest(action="exec", payload={
+            "argv": [sys.executable, "-c", script], "env": {"EXTRA": "x"},
+            "cwd": str(tmp_path)}))
+        run = await one_run(h)
+        assert run.outcome is Outcome.SUCCEEDED, run.detail
+        import json
+        env = json.loads(run.detail)
+        assert env["KERNEL_JOB_ID"] == res.job.id
+        assert env["KERNEL_TRACE_ID"] == res.job.trace_id
+        assert env["KERNEL_ATTEMPT"] == "1"
+        assert env["TRACEPARENT"].startswith(f"00-{res.job.trace_id}-")
+        assert env["EXTRA"] == "x"
+        assert env["SOME_SECRET_TOKEN"] is None  # not inherited unless inherit_env = true
+        await h.stop()
+    finally:
+        del os.environ["SOME_SECRET_TOKEN"]
+
+
+async def test_exec_failure_carries_exit_status_and_stderr() -> None:
+    h = make_harness("")
+    await h.start()
+    await h.kernel.submit(SubmitRequest(action="exec", payload={
+        "argv": [sys.executable, "-c", "import sys; sys.stderr.write('bad input'); sys.exit(3)"]}))
+    run = await one_run(h)
+    assert run.outcome is Outcome.FAILED
+    assert run.error_code == "ERR_EXEC_FAILED"
+    assert "exit status 3" in run.detail and "bad input" in run.detail
+    await h.stop()
+
+
+async def test_exec_missing_program_is_a_clear_failure() -> None:
+    h = make_harness("")
+    await h.start()
+    await h.kernel.submit(SubmitRequest(action="exec", payload={"argv": ["/no/such/program"]}))
+    run = await one_run(h)
+    assert run.error_code == "ERR_EXEC_FAILED" and "cannot start" in run.detail
+    await h.stop()
+
+
+CHILD = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a child that ignores SIGTERM
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+    os._exit(0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.getpid()} {pid}")
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+async def test_timeout_kills_the_whole_process_group_even_if_it_ignores_sigterm(
+        tmp_path: Path) -> None:
+    h = make_harness("")
+    await h.start()
+    pids_file = tmp_path / "pids"
+    await h.kernel.submit(SubmitRequest(action="exec", timeout=5, payload={
+        "argv": [sys.executable, "-c", CHILD, str(pids_file)], "grace": 0.2}))
+
+    async def started() -> bool:
+        return pids_file.exists() and len(pids_file.read_text().split()) == 2
+    await wait_for(started, "the child to start")
+    parent, grandchild = map(int, pids_file.read_text().split())
+    await h.advance(4.9)
+    assert alive(parent) and alive(grandchild)
+    await h.clock.advance(0.1)
+    run = await one_run(h)
+    assert run.outcome is Outcome.TIMED_OUT and run.error_code == "ERR_TIMEOUT"
+
+    async def gone() -> bool:
+        return not alive(parent) and not alive(grandchild)
+    await wait_for(gone, "the process group to be killed")
+    await h.stop()
+
+
+async def test_rlimit_memory_limit_is_applied() -> None:
+    h = make_harness("")
+    await h.start()
+    code = "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])"
+    await h.kernel.submit(SubmitRequest(action="exec", payload={
+        "argv": [sys.executable, "-c", code], "limits": {"memory_mb": 2048, "nice": 5}}))
+    run = await one_run(h)
+    assert run.outcome is Outcome.SUCCEEDED, run.detail
+    assert int(run.detail.strip()) == 2048 * 1024 * 1024
+    await h.stop()
