@@ -33,6 +33,7 @@ from .errors import (
     ActionNotFound,
     BadPayload,
     ErrorCode,
+    GpuUnavailable,
     KernelError,
     NotFound,
     QueueFull,
@@ -58,6 +59,7 @@ from .events import (
     RunTimedOut,
     StoreFailed,
 )
+from .gpu import GpuGate, GpuProbe, NvmlProbe
 from .hookspecs import RunContext
 from .misfire import plan_misfires
 from .plugins import PluginSet
@@ -86,6 +88,8 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     priority: int = 0
     timeout: float | None = None
     traceparent: str | None = None
+    gpu_memory_mb: int = 0
+    gpu: int | None = None
 
 
 @dataclass(slots=True)
@@ -177,6 +181,25 @@ class RunningView:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuedView:
+    job_id: str
+    task_id: str | None
+    action: str
+    priority: int
+    held: str | None   # why it is not starting (max_instances, concurrency key, GPU memory)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuView:
+    index: int
+    name: str
+    total_mb: int
+    free_mb: int
+    reserved_mb: int
+    utilization_pct: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     at: float
     tasks: tuple[TaskView, ...]
@@ -187,6 +210,9 @@ class Snapshot:
     counters: Counters
     max_concurrency: int
     queue_depth: int
+    gpus: tuple[GpuView, ...] = ()
+    gpu_note: str | None = None
+    queued_jobs: tuple[QueuedView, ...] = ()
 
 
 @dataclass(slots=True)
@@ -194,6 +220,7 @@ class KernelParts:
     """Extra parts the composition root may hand in (tests pass fakes here)."""
 
     gates: Sequence[Gate] = ()
+    gpu_probe: GpuProbe | None = None   # default: NVML (no cards where there is no GPU)
     services: Sequence[Callable[[Kernel], Coroutine[Any, Any, None]]] = ()
     rng: random.Random = field(default_factory=random.Random)
 
@@ -223,11 +250,12 @@ class Kernel:
         self._wheel: TimingWheel[Job | _Tick] = TimingWheel(resolution=0.001,
                                                             start=clock.monotonic())
         sched = config.scheduler
+        self.gpu = GpuGate(parts.gpu_probe or NvmlProbe())
         self._dispatcher = Dispatcher(
             Limits(max_concurrency=sched.max_concurrency, queue_depth=sched.queue_depth,
                    policy=sched.policy, aging=secs(sched.aging) or 30.0,
                    concurrency_limits=dict(sched.concurrency_limits)),
-            rules=self._task_rules, gates=parts.gates)
+            rules=self._task_rules, gates=[self.gpu, *parts.gates])
         self._tasks: dict[str, TaskRuntime] = {}
         self._dependents: dict[str, list[str]] = {}
         self._pending: dict[str, tuple[Job, int]] = {}   # in the wheel: id -> (job, handle)
@@ -455,7 +483,8 @@ class Kernel:
             jobs.append(Job(
                 id=ids.job_id(), action=tc.action, payload=dict(tc.payload), task_id=tc.id,
                 kind=JobKind.CRON, due_at=at, scheduled_at=at, priority=tc.priority,
-                timeout=secs(tc.timeout), trace_id=ids.trace_id(), created_at=wall))
+                timeout=secs(tc.timeout), trace_id=ids.trace_id(), created_at=wall,
+                **_gpu_fields(tc)))
             rt.last_scheduled_at = max(rt.last_scheduled_at or 0.0, at)
         if not jobs:
             return
@@ -535,7 +564,7 @@ class Kernel:
             log=logging.LoggerAdapter(logging.getLogger(f"kernel.action.{job.action}"), {
                 "trace_id": job.trace_id, "task_id": job.task_id, "job_id": job.id,
                 "attempt": job.attempt}),
-            parent_span_id=job.parent_span_id)
+            parent_span_id=job.parent_span_id, gpu_index=self.gpu.assignment(job.id))
         shutdown = False
         try:
             result = await self._call_action(job, ctx, timeout)
@@ -662,7 +691,7 @@ class Kernel:
                 id=ids.job_id(), action=tc.action, payload=dict(tc.payload), task_id=tc.id,
                 kind=JobKind.DEPENDENT, due_at=wall, scheduled_at=upstream.scheduled_at,
                 priority=tc.priority, timeout=secs(tc.timeout), trace_id=upstream.trace_id,
-                parent_span_id=span, created_at=wall))
+                parent_span_id=span, created_at=wall, **_gpu_fields(tc)))
         return out
 
     async def _skip_dependent(self, dep: Job, upstream: Job) -> None:
@@ -751,6 +780,10 @@ class Kernel:
             raise BadPayload("delay: must be 0 or more seconds")
         if req.timeout is not None and req.timeout <= 0:
             raise BadPayload("timeout: must be a positive number of seconds")
+        if req.gpu_memory_mb < 0:
+            raise BadPayload("gpu_memory_mb: must be 0 or more")
+        if req.gpu_memory_mb:
+            self._check_gpu(req.gpu_memory_mb, req.gpu)
         due = wall + (req.delay or 0.0) if req.at is None else req.at
         tp = ids.parse_traceparent(req.traceparent)
         ttl = req.dedup_ttl if req.dedup_ttl is not None else secs(self.config.store.dedup_ttl)
@@ -760,7 +793,16 @@ class Kernel:
             dedup_key=req.dedup_key,
             dedup_expires_at=(wall + (ttl or 0.0)) if req.dedup_key else None,
             trace_id=tp[0] if tp else ids.trace_id(), parent_span_id=tp[1] if tp else None,
-            created_at=wall)
+            created_at=wall, gpu_memory_mb=req.gpu_memory_mb, gpu=req.gpu)
+
+    def _check_gpu(self, need_mb: int, gpu: int | None) -> None:
+        """Refuse a GPU job that can never run here (or any, when configured to refuse)."""
+        why = self.gpu.never_fits(need_mb, gpu)
+        if why is None and self.config.scheduler.gpu_unavailable.value == "refuse":
+            if not self.gpu.probe.gpus():
+                why = self.gpu.probe.unavailable_reason or "no GPU"
+        if why is not None:
+            raise GpuUnavailable(f"gpu_memory_mb: {why}")
 
     async def cancel(self, job_id: str) -> Job:
         """Cancel a pending, queued or running job. Raises NotFound."""
@@ -822,7 +864,7 @@ class Kernel:
         tc = rt.cfg
         req = SubmitRequest(action=tc.action, payload=payload if payload is not None
                             else dict(tc.payload), priority=tc.priority,
-                            timeout=secs(tc.timeout))
+                            timeout=secs(tc.timeout), **_gpu_fields(tc))
         return (await self._submit_task_jobs([self._job_from(
             req, self.clock.wall(), task_id=tc.id, kind=JobKind.TRIGGER)]))[0]
 
@@ -844,7 +886,8 @@ class Kernel:
             jobs.append(Job(
                 id=ids.job_id(), action=tc.action, payload=dict(tc.payload), task_id=tc.id,
                 kind=JobKind.BACKFILL, due_at=wall, scheduled_at=t, priority=tc.priority,
-                timeout=secs(tc.timeout), trace_id=ids.trace_id(), created_at=wall))
+                timeout=secs(tc.timeout), trace_id=ids.trace_id(), created_at=wall,
+                **_gpu_fields(tc)))
             t = rt.schedule.next_after(t)
         return await self._submit_task_jobs(jobs)
 
@@ -910,11 +953,18 @@ class Kernel:
                         trace_id=r.job.trace_id, attempt=r.job.attempt,
                         elapsed=mono - r.started_mono, timeout=r.timeout)
             for r in self._running.values())
+        gpus = tuple(GpuView(c.index, c.name, c.total_mb, c.free_mb, reserved,
+                             c.utilization_pct) for c, reserved in self.gpu.views())
         return Snapshot(at=self.clock.wall(), tasks=tasks, running=running,
                         queued=self._dispatcher.queued, timers=len(self._wheel),
                         pending_jobs=len(self._pending), counters=self.counters,
                         max_concurrency=self.config.scheduler.max_concurrency,
-                        queue_depth=self.config.scheduler.queue_depth)
+                        queue_depth=self.config.scheduler.queue_depth, gpus=gpus,
+                        gpu_note=self.gpu.probe.unavailable_reason,
+                        queued_jobs=tuple(
+                            QueuedView(j.id, j.task_id, j.action, j.priority,
+                                       self._dispatcher.held_reason(j.id))
+                            for j in self._dispatcher.queued_jobs()[:50]))
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -971,6 +1021,11 @@ class Kernel:
                 await self.store.purge_dedup(now)
             except StoreError as exc:
                 self._store_failed(exc)
+
+
+def _gpu_fields(tc: TaskConfig) -> dict[str, Any]:
+    return {"gpu_memory_mb": tc.gpu_memory_mb,
+            "gpu": tc.gpu if isinstance(tc.gpu, int) else None}
 
 
 def _classify(exc: Exception) -> _Outcome:

@@ -113,12 +113,13 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_validate(a: argparse.Namespace) -> int:
     from . import config as config_mod
+    from .gpu import GpuGate, NvmlProbe
     from .main import plugin_set
     from .validate import validate
 
     try:
         cfg = config_mod.load(a.config, tasks_file=a.tasks)
-        issues = validate(cfg, plugin_set(cfg))
+        issues = validate(cfg, plugin_set(cfg), GpuGate(NvmlProbe()))
     except ConfigError as exc:
         issues = exc.issues
         cfg = None

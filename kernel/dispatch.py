@@ -241,7 +241,8 @@ class Dispatcher:
             if not gate.try_admit(job):
                 for g in admitted:
                     g.release(job)
-                return f"waiting for {type(gate).__name__}"
+                why = getattr(gate, "last_reason", {}).get(job.id)
+                return str(why) if why else f"waiting for {type(gate).__name__}"
             admitted.append(gate)
         return None
 

@@ -17,7 +17,8 @@ The tree::
     ├── SubmitError                  a submission was refused; nothing was acknowledged
     │   ├── QueueFull
     │   ├── ActionNotFound
-    │   └── BadPayload
+    │   ├── BadPayload
+    │   └── GpuUnavailable
     ├── PluginError                  a plugin failed to load or registered something invalid
     └── ActionError                  raised by actions to report a classified failure
         └── Retry                    control flow: "run me again after `delay` seconds"
@@ -250,6 +251,10 @@ class ActionNotFound(SubmitError):
 
 class BadPayload(SubmitError):
     code = ErrorCode.ERR_BAD_PAYLOAD
+
+
+class GpuUnavailable(SubmitError):
+    code = ErrorCode.ERR_GPU_UNAVAILABLE
 
 
 class NotFound(KernelError):

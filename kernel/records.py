@@ -63,6 +63,8 @@ class Job(msgspec.Struct, kw_only=True):
     state: JobState = JobState.PENDING
     recovered: bool = False
     started_at: float | None = None
+    gpu_memory_mb: int = 0            # declared GPU memory; 0 = needs no GPU
+    gpu: int | None = None            # a GPU index, or None for any
 
 
 class RunRecord(msgspec.Struct, kw_only=True, frozen=True):

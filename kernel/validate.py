@@ -11,6 +11,7 @@ import zoneinfo
 
 from .config import Config, TaskConfig
 from .errors import ConfigIssue, CronError, KernelError
+from .gpu import GpuGate
 from .plugins import PluginSet
 from .triggers import parse_schedule
 
@@ -49,7 +50,8 @@ def find_cycle(tasks: list[TaskConfig]) -> list[str] | None:
     return None
 
 
-def validate(cfg: Config, plugins: PluginSet | None) -> list[ConfigIssue]:
+def validate(cfg: Config, plugins: PluginSet | None,
+             gpu: GpuGate | None = None) -> list[ConfigIssue]:
     file = cfg.source
     issues: list[ConfigIssue] = []
     if not _tz_ok(cfg.kernel.timezone):
@@ -74,6 +76,10 @@ def validate(cfg: Config, plugins: PluginSet | None) -> list[ConfigIssue]:
                                           f"unknown task {up!r} (tasks: {', '.join(sorted(ids))})"))
             if up == t.id:
                 issues.append(ConfigIssue(file, f"{where}.after", "a task cannot depend on itself"))
+        if gpu is not None and t.gpu_memory_mb > 0:
+            why = gpu.never_fits(t.gpu_memory_mb, t.gpu if isinstance(t.gpu, int) else None)
+            if why is not None:
+                issues.append(ConfigIssue(file, f"{where}.gpu_memory_mb", f"[ERR_GPU_UNAVAILABLE] {why}"))
         if plugins is not None:
             try:
                 action = plugins.action(t.action)

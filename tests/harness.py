@@ -35,6 +35,7 @@ class Call:
     attempt: int
     at: float
     payload: dict[str, Any]
+    gpu_index: int | None = None
 
 
 class RecordingPlugin:
@@ -46,7 +47,8 @@ class RecordingPlugin:
 
     async def run(self, ctx: RunContext, payload: Any) -> Any:
         self.calls.append(Call(ctx.job_id, ctx.task_id, ctx.trace_id, ctx.parent_span_id,
-                               ctx.scheduled_at, ctx.attempt, self.clock.wall(), dict(payload)))
+                               ctx.scheduled_at, ctx.attempt, self.clock.wall(), dict(payload),
+                               ctx.gpu_index))
         mode = payload.get("mode", "ok")
         if mode == "sleep":
             await self.clock.sleep(float(payload.get("seconds", 1.0)))
