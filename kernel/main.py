@@ -88,21 +88,17 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
             pass
         else:
             services.append(api_service)
+    reloader = ConfigReloader(config_path, tasks_file, plugins)
+    if config_path is not None:
+        services.append(reloader.watch)
     kernel = build(cfg, plugins=plugins, parts=KernelParts(services=services))
-
-    async def reload(source: str) -> None:
-        try:
-            new = load_checked(config_path, tasks_file, plugins)
-        except KernelError as exc:
-            kernel.report_reload_error(source, exc)
-            return
-        await kernel.reload(new, source)
+    reloader.kernel = kernel
 
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:
-        t = loop.create_task(reload("SIGHUP"))
+        t = loop.create_task(reloader.reload("SIGHUP"))
         reloads.add(t)
         t.add_done_callback(reloads.discard)
 
@@ -121,10 +117,40 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
     return 0
 
 
-def install_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
+class ConfigReloader:
+    """Hot reload: on SIGHUP or a change of the config file (watchfiles), load and validate the
+    file again and hand the new tasks to the kernel; an invalid file is reported and the old
+    configuration keeps running untouched."""
+
+    def __init__(self, config_path: Path | None, tasks_file: Path | None,
+                 plugins: PluginSet, kernel: Kernel | None = None) -> None:
+        self.config_path = config_path
+        self.tasks_file = tasks_file
+        self.plugins = plugins
+        self.kernel = kernel
+        self._lock = asyncio.Lock()
+
+    async def reload(self, source: str) -> bool:
+        assert self.kernel is not None
+        async with self._lock:
+            try:
+                new = load_checked(self.config_path, self.tasks_file, self.plugins)
+            except KernelError as exc:
+                self.kernel.report_reload_error(source, exc)
+                return False
+            await self.kernel.reload(new, source)
+            return True
+
+    async def watch(self, kernel: Kernel) -> None:
+        """A kernel service: reload whenever the config (or the tasks file) changes on disk."""
+        import watchfiles
+
+        paths = [p for p in (self.config_path, self.tasks_file) if p is not None]
+        if not paths:
+            return
+        names = {p.resolve() for p in paths}
+        dirs = {p.resolve().parent for p in paths}
+        async for changes in watchfiles.awatch(*dirs, debounce=300, step=50,
+                                               recursive=False):
+            if any(Path(c[1]).resolve() in names for c in changes):
+                await self.reload("file change")
