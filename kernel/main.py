@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -129,6 +130,7 @@ class ConfigReloader:
         self.plugins = plugins
         self.kernel = kernel
         self._lock = asyncio.Lock()
+        self._watched = {os.path.abspath(p) for p in (config_path, tasks_file) if p is not None}
 
     async def reload(self, source: str) -> bool:
         assert self.kernel is not None
@@ -145,12 +147,10 @@ class ConfigReloader:
         """A kernel service: reload whenever the config (or the tasks file) changes on disk."""
         import watchfiles
 
-        paths = [p for p in (self.config_path, self.tasks_file) if p is not None]
-        if not paths:
+        if not self._watched:
             return
-        names = {p.resolve() for p in paths}
-        dirs = {p.resolve().parent for p in paths}
+        dirs = {os.path.dirname(n) for n in self._watched}
         async for changes in watchfiles.awatch(*dirs, debounce=300, step=50,
                                                recursive=False):
-            if any(Path(c[1]).resolve() in names for c in changes):
+            if any(c[1] in self._watched for c in changes):  # watchfiles gives absolute paths
                 await self.reload("file change")
