@@ -147,7 +147,7 @@ class EventLogger:
         elif isinstance(ev, StoreFailed):
             self.log.error("store failure: %s", ev.message, extra={"error_code": ev.error_code})
         elif isinstance(ev, KernelStarted):
-            self.log.info("kernel started: %d task(s), store %s, api %s, %d job(s) recovered",
-                          ev.tasks, ev.store, ev.api_url or "off", ev.recovered_jobs)
+            self.log.info("kernel started: %d task(s), store %s, %d job(s) recovered",
+                          ev.tasks, ev.store, ev.recovered_jobs)
         elif isinstance(ev, KernelStopping):
             self.log.info("kernel stopping (%s)", ev.reason)
