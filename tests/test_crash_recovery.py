@@ -102,7 +102,7 @@ async def submit_until_killed(url: str, out: Path, acked: set[str], rng: random.
                     if r.status != 201:
                         continue
                     body = await r.json()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 return  # the kernel died mid-request: that batch was never acknowledged
             items = body if isinstance(body, list) else body.get("jobs", [])
             acked.update(item["id"] for item in items)
