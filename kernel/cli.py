@@ -105,7 +105,10 @@ def cmd_run(a: argparse.Namespace) -> int:
             print(f"  {issue}", file=sys.stderr)
         return 1
     except KernelError as exc:
+        from .errors import CATALOGUE
+
         print(f"the kernel stopped: [{exc.code}] {exc}", file=sys.stderr)
+        print(f"  what to do: {CATALOGUE[exc.code].remedy}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
