@@ -68,12 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("explain", help="explain an error code, e.g. ERR_TIMEOUT")
     exp.add_argument("code", nargs="?", help="omit to list every code")
 
-    try:
-        from .client import add_client_commands
-    except ImportError:
-        pass
-    else:
-        add_client_commands(sub)
+    from .client import add_client_commands
+    from .tui import add_tui_command
+
+    add_client_commands(sub)
+    add_tui_command(sub)
     return ap
 
 

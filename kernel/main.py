@@ -8,26 +8,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from . import config as config_mod
 from . import logs
+from .api.server import api_service
 from .app import Kernel, KernelParts
 from .clock import Clock, SystemClock
 from .config import Config
 from .errors import ConfigError, KernelError
 from .events import EventBus
 from .hookspecs import PluginContext
+from .metrics import KernelMetrics
 from .plugins import PluginSet
 from .plugins import load as load_plugins
 from .store.base import Store
 from .store.memory import MemoryStore
 from .store.sqlite import SqliteStore
+from .tui import run_inprocess
 from .validate import validate
+
+Service = Callable[[Kernel], Coroutine[Any, Any, None]]
 
 log = logging.getLogger("kernel.main")
 
@@ -51,10 +59,13 @@ def build(
     plugins: PluginSet | None = None,
     store: Store | None = None,
     parts: KernelParts | None = None,
+    metrics: KernelMetrics | None = None,
 ) -> Kernel:
     plugins = plugins or plugin_set(cfg)
     bus = EventBus()
     bus.subscribe(logs.EventLogger())
+    if metrics is not None:
+        bus.subscribe(metrics)
     return Kernel(cfg, clock=clock or SystemClock(), store=store or make_store(cfg),
                   plugins=plugins, bus=bus, parts=parts)
 
@@ -81,22 +92,20 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
     logs.setup(cfg.kernel.log_level, log_format or cfg.kernel.log_format)
     for p in plugins.problems:
         log.error("plugin %s: %s", p.plugin, p.message)
-    services = []
+    metrics = KernelMetrics()
+    services: list[Service] = []
     if cfg.server.enabled:
-        try:
-            from .api.server import api_service
-        except ImportError:  # the API room is optional
-            pass
-        else:
-            services.append(api_service)
+        services.append(functools.partial(api_service, metrics=metrics.render))
     reloader = ConfigReloader(config_path, tasks_file, plugins)
     if config_path is not None:
         services.append(reloader.watch)
-    kernel = build(cfg, plugins=plugins, parts=KernelParts(services=services))
+    if tui:
+        services.append(run_inprocess)
+    kernel = build(cfg, plugins=plugins, parts=KernelParts(services=services), metrics=metrics)
     reloader.kernel = kernel
 
     loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task[None]] = set()
+    reloads: set[asyncio.Task[bool]] = set()
 
     def on_hup() -> None:
         t = loop.create_task(reloader.reload("SIGHUP"))

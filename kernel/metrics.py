@@ -1,0 +1,288 @@
+"""Prometheus metrics: an event-bus observer plus gauges read from a snapshot at scrape time.
+
+``KernelMetrics`` owns its own ``CollectorRegistry`` (never the process-global one), so several
+kernels (or tests) in one process do not collide. Wire it as a subscriber and hand its
+``render`` to the HTTP API::
+
+    metrics = KernelMetrics()
+    bus.subscribe(metrics)                      # counters and histograms from typed events
+    body, content_type = metrics.render(kernel.snapshot())   # GET /metrics
+
+Every name starts with ``autoglm_kernel_``. Counters that carry a ``task`` label use ``""`` for
+ad-hoc jobs; at most ``max_task_labels`` distinct task ids get their own series, later ones are
+counted under ``task="other"`` (and ``autoglm_kernel_task_label_overflow_total`` grows), so a
+flood of generated task ids cannot blow up the series count. ``error_code`` values come from the
+closed ``ErrorCode`` catalogue. GPU memory (``snapshot.gpus``, in MiB) is exported in bytes.
+
+Observers know nothing of the dispatcher: this module reads events and a snapshot, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from .events import (
+    ConfigReloaded,
+    Event,
+    JobSubmitted,
+    KernelStarted,
+    MisfireDecided,
+    RunCancelled,
+    RunFailed,
+    RunFinished,
+    RunSkipped,
+    RunStarted,
+    RunSucceeded,
+    RunTimedOut,
+    StoreFailed,
+)
+
+__all__ = [
+    "COMMIT_BUCKETS",
+    "CONTENT_TYPE",
+    "DURATION_BUCKETS",
+    "LATENESS_BUCKETS",
+    "NAMESPACE",
+    "OVERFLOW_TASK",
+    "GpuLike",
+    "KernelMetrics",
+    "SnapshotLike",
+]
+
+NAMESPACE = "autoglm_kernel"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+OVERFLOW_TASK = "other"
+MIB = 1024 * 1024
+
+# fire lateness: 1 ms .. 60 s
+LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0)
+# run duration: 10 ms .. 1 h (LLM calls and batch jobs are long)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                    600.0, 1800.0, 3600.0)
+# store group commit: 100 µs .. 5 s
+COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                  0.5, 1.0, 2.5, 5.0)
+
+
+class GpuLike(Protocol):
+    """One card in a snapshot (``kernel.app.GpuView``); memory in MiB."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def total_mb(self) -> float: ...
+    @property
+    def free_mb(self) -> float: ...
+    @property
+    def reserved_mb(self) -> float: ...
+    @property
+    def utilization_pct(self) -> int | None: ...
+
+
+class SnapshotLike(Protocol):
+    """What the scrape-time gauges read (``kernel.app.Snapshot`` satisfies it)."""
+
+    @property
+    def queued(self) -> int: ...
+    @property
+    def timers(self) -> int: ...
+    @property
+    def pending_jobs(self) -> int: ...
+    @property
+    def max_concurrency(self) -> int: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def running(self) -> Sequence[object]: ...
+    @property
+    def tasks(self) -> Sequence[object]: ...
+    @property
+    def gpus(self) -> Sequence[GpuLike]: ...
+
+
+class KernelMetrics:
+    """Event subscriber (``bus.subscribe(metrics)``) and ``/metrics`` renderer."""
+
+    def __init__(self, *, max_task_labels: int = 1000,
+                 registry: CollectorRegistry | None = None) -> None:
+        if max_task_labels < 1:
+            raise ValueError("max_task_labels must be at least 1")
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.max_task_labels = max_task_labels
+        self._tasks_seen: set[str] = set()
+        r, ns = self.registry, NAMESPACE
+
+        self.jobs_submitted = Counter("jobs_submitted", "Jobs accepted (after commit), by kind",
+                                      ["kind"], namespace=ns, registry=r)
+        self.runs_started = Counter("runs_started", "Run attempts started", ["task"],
+                                    namespace=ns, registry=r)
+        self.runs_recovered = Counter(
+            "runs_recovered", "Run attempts started again after a crash (at-least-once)",
+            ["task"], namespace=ns, registry=r)
+        self.runs_succeeded = Counter("runs_succeeded", "Runs that succeeded", ["task"],
+                                      namespace=ns, registry=r)
+        self.runs_failed = Counter("runs_failed", "Runs that failed, by error code",
+                                   ["task", "error_code"], namespace=ns, registry=r)
+        self.runs_timed_out = Counter("runs_timed_out", "Runs stopped by their timeout",
+                                      ["task"], namespace=ns, registry=r)
+        self.runs_skipped = Counter("runs_skipped", "Runs skipped (overlap policy, dependency)",
+                                    ["task"], namespace=ns, registry=r)
+        self.runs_cancelled = Counter("runs_cancelled", "Runs or jobs cancelled", ["task"],
+                                      namespace=ns, registry=r)
+        self.retries_scheduled = Counter("retries_scheduled",
+                                         "Failed or timed-out runs that will be retried",
+                                         ["task"], namespace=ns, registry=r)
+        self.fire_lateness = Histogram(
+            "fire_lateness_seconds", "Delay between a job's due instant and its start",
+            namespace=ns, registry=r, buckets=LATENESS_BUCKETS)
+        self.run_duration = Histogram(
+            "run_duration_seconds", "Duration of run attempts that started, by outcome",
+            ["outcome"], namespace=ns, registry=r, buckets=DURATION_BUCKETS)
+        self.misfires = Counter(
+            "misfires", "Occurrences missed while the kernel was down, by misfire policy",
+            ["task", "policy"], namespace=ns, registry=r)
+        self.misfire_runs = Counter(
+            "misfire_runs", "Missed occurrences that the misfire policy chose to run",
+            ["task"], namespace=ns, registry=r)
+        self.reloads = Counter("config_reloads", "Configuration reloads, by result (ok|error)",
+                               ["result"], namespace=ns, registry=r)
+        self.store_failures = Counter("store_failures", "Store errors, by error code",
+                                      ["error_code"], namespace=ns, registry=r)
+        self.store_commit = Histogram(
+            "store_commit_seconds", "Latency of one store (group) commit",
+            namespace=ns, registry=r, buckets=COMMIT_BUCKETS)
+        self.label_overflow = Counter(
+            "task_label_overflow", "Events counted under task=\"other\" (label cap reached)",
+            namespace=ns, registry=r)
+        self.start_time = Gauge("start_time_seconds",
+                                "Wall instant the kernel started (Unix seconds)",
+                                namespace=ns, registry=r)
+
+        # scrape-time gauges, filled from a Snapshot by render()
+        self.queue_depth = Gauge("queue_depth", "Jobs waiting in the ready queue",
+                                 namespace=ns, registry=r)
+        self.queue_capacity = Gauge("queue_capacity", "Capacity of the ready queue",
+                                    namespace=ns, registry=r)
+        self.running_jobs = Gauge("running_jobs", "Jobs running now", namespace=ns, registry=r)
+        self.max_concurrency = Gauge("max_concurrency", "Configured maximum concurrent runs",
+                                     namespace=ns, registry=r)
+        self.timers = Gauge("timers", "Timers armed in the timing wheel",
+                            namespace=ns, registry=r)
+        self.pending_jobs = Gauge("pending_jobs", "Jobs waiting for their due instant",
+                                  namespace=ns, registry=r)
+        self.tasks = Gauge("tasks", "Configured tasks", namespace=ns, registry=r)
+
+        gpu = ["gpu"]
+        self.gpu_reserved = Gauge("gpu_memory_reserved_bytes",
+                                  "GPU memory reserved by admitted jobs", gpu,
+                                  namespace=ns, registry=r)
+        self.gpu_free = Gauge("gpu_memory_free_bytes", "GPU memory free (as NVML reports it)",
+                              gpu, namespace=ns, registry=r)
+        self.gpu_total = Gauge("gpu_memory_total_bytes", "GPU memory in total", gpu,
+                               namespace=ns, registry=r)
+        self.gpu_utilization = Gauge("gpu_utilization_ratio",
+                                     "GPU utilisation (0-1) as NVML reports it", gpu,
+                                     namespace=ns, registry=r)
+
+    # ------------------------------------------------------------------ labels
+    def task_label(self, task_id: str | None) -> str:
+        """The ``task`` label for ``task_id``: ``""`` for ad-hoc jobs, capped cardinality."""
+        if not task_id:
+            return ""
+        if task_id in self._tasks_seen:
+            return task_id
+        if len(self._tasks_seen) < self.max_task_labels:
+            self._tasks_seen.add(task_id)
+            return task_id
+        self.label_overflow.inc()
+        return OVERFLOW_TASK
+
+    # ------------------------------------------------------------------ events
+    def __call__(self, event: Event) -> None:
+        self.handle(event)
+
+    def handle(self, event: Event) -> None:
+        """Update counters and histograms from one event (synchronous and quick)."""
+        if isinstance(event, RunStarted):
+            task = self.task_label(event.task_id)
+            self.runs_started.labels(task).inc()
+            if event.recovered:
+                self.runs_recovered.labels(task).inc()
+            self.fire_lateness.observe(max(0.0, event.lateness))
+        elif isinstance(event, RunFinished):
+            self._finished(event)
+        elif isinstance(event, JobSubmitted):
+            self.jobs_submitted.labels(event.kind.value).inc()
+        elif isinstance(event, MisfireDecided):
+            rec = event.record
+            task = self.task_label(rec.task_id)
+            self.misfires.labels(task, rec.policy).inc(max(0, rec.missed))
+            if rec.ran > 0:
+                self.misfire_runs.labels(task).inc(rec.ran)
+        elif isinstance(event, ConfigReloaded):
+            self.reloads.labels("error" if event.error else "ok").inc()
+        elif isinstance(event, StoreFailed):
+            self.store_failures.labels(event.error_code).inc()
+        elif isinstance(event, KernelStarted):
+            self.start_time.set(event.at)
+
+    def _finished(self, event: RunFinished) -> None:
+        run = event.run
+        task = self.task_label(run.task_id)
+        if isinstance(event, RunSucceeded):
+            self.runs_succeeded.labels(task).inc()
+        elif isinstance(event, RunFailed):
+            self.runs_failed.labels(task, run.error_code or "").inc()
+            if event.will_retry:
+                self.retries_scheduled.labels(task).inc()
+        elif isinstance(event, RunTimedOut):
+            self.runs_timed_out.labels(task).inc()
+            if event.will_retry:
+                self.retries_scheduled.labels(task).inc()
+        elif isinstance(event, RunSkipped):
+            self.runs_skipped.labels(task).inc()
+        elif isinstance(event, RunCancelled):
+            self.runs_cancelled.labels(task).inc()
+        if run.started_at is not None:  # jobs cancelled or skipped before starting took no time
+            self.run_duration.labels(run.outcome.value).observe(max(0.0, event.duration))
+
+    # ------------------------------------------------------------------ other sources
+    def observe_commit(self, seconds: float) -> None:
+        """Record the latency of one store commit (the store or its wrapper calls this)."""
+        self.store_commit.observe(max(0.0, seconds))
+
+    def set_gpu(self, index: int, reserved_mb: float, free_mb: float, total_mb: float) -> None:
+        """Set GPU ``index``'s memory gauges; arguments in MiB, exported in bytes.
+
+        ``render(snapshot)`` calls it for every card in ``snapshot.gpus``; call it directly
+        only to export cards the snapshot does not carry."""
+        label = str(index)
+        self.gpu_reserved.labels(label).set(reserved_mb * MIB)
+        self.gpu_free.labels(label).set(free_mb * MIB)
+        self.gpu_total.labels(label).set(total_mb * MIB)
+
+    # ------------------------------------------------------------------ scrape
+    def update_snapshot(self, snapshot: SnapshotLike) -> None:
+        """Fill the scrape-time gauges from a kernel snapshot."""
+        self.queue_depth.set(snapshot.queued)
+        self.queue_capacity.set(snapshot.queue_depth)
+        self.running_jobs.set(len(snapshot.running))
+        self.max_concurrency.set(snapshot.max_concurrency)
+        self.timers.set(snapshot.timers)
+        self.pending_jobs.set(snapshot.pending_jobs)
+        self.tasks.set(len(snapshot.tasks))
+        for g in snapshot.gpus:
+            self.set_gpu(g.index, g.reserved_mb, g.free_mb, g.total_mb)
+            if g.utilization_pct is not None:
+                self.gpu_utilization.labels(str(g.index)).set(g.utilization_pct / 100.0)
+
+    def render(self, snapshot: SnapshotLike | None = None) -> tuple[bytes, str]:
+        """The exposition body and its content type (for ``GET /metrics``)."""
+        if snapshot is not None:
+            self.update_snapshot(snapshot)
+        return generate_latest(self.registry), CONTENT_TYPE

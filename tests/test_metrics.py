@@ -1,0 +1,301 @@
+"""KernelMetrics: typed events and a snapshot in, Prometheus exposition text out."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import prometheus_client
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from kernel.app import Counters, GpuView, RunningView, Snapshot, SubmitRequest, TaskView
+from kernel.events import (
+    ConfigReloaded,
+    JobSubmitted,
+    KernelStarted,
+    MisfireDecided,
+    RunCancelled,
+    RunFailed,
+    RunSkipped,
+    RunStarted,
+    RunSucceeded,
+    RunTimedOut,
+    StoreFailed,
+)
+from kernel.metrics import CONTENT_TYPE, LATENESS_BUCKETS, KernelMetrics
+from kernel.records import JobKind, MisfireRecord, Outcome, RunRecord
+
+from .harness import make_harness
+
+T0 = 1_767_225_600.0
+ROOT = Path(__file__).resolve().parent.parent
+P = "autoglm_kernel_"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(m: KernelMetrics, snapshot: Snapshot | None = None) -> Samples:
+    body, ctype = m.render(snapshot)
+    assert ctype == CONTENT_TYPE
+    assert ctype.startswith("text/plain")
+    out: Samples = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def val(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((P + name, frozenset(labels.items())))
+
+
+def run(outcome: Outcome, *, task: str | None = "t1", code: str | None = None,
+        started: float | None = T0, job: str = "j1") -> RunRecord:
+    return RunRecord(job_id=job, task_id=task, action="log", trace_id="ab" * 16,
+                     span_id="cd" * 8, scheduled_at=T0, started_at=started,
+                     finished_at=T0 + 2, attempt=1, outcome=outcome, error_code=code)
+
+
+def started(task: str | None, lateness: float, *, recovered: bool = False) -> RunStarted:
+    return RunStarted(at=T0, job_id="j", task_id=task, action="log", trace_id="ab" * 16,
+                      span_id="cd" * 8, attempt=1, scheduled_at=T0, lateness=lateness,
+                      recovered=recovered)
+
+
+def snapshot(*, queued: int = 3, running: int = 2, timers: int = 7, pending: int = 5,
+             tasks: int = 4) -> Snapshot:
+    tv = tuple(TaskView(id=f"t{i}", action="log", schedule="@every 5s", tz="UTC", enabled=True,
+                        paused=False, next_due=T0 + 5, last_outcome=None, last_error_code=None,
+                        last_finished_at=None, after=(), running=0) for i in range(tasks))
+    rv = tuple(RunningView(job_id=f"j{i}", task_id=None, action="log", trace_id="ab" * 16,
+                           attempt=1, elapsed=1.0, timeout=None) for i in range(running))
+    return Snapshot(at=T0, tasks=tv, running=rv, queued=queued, timers=timers,
+                    pending_jobs=pending, counters=Counters(), max_concurrency=8,
+                    queue_depth=1024)
+
+
+def test_run_events_become_counters_with_task_and_error_code_labels() -> None:
+    m = KernelMetrics()
+    for ev in [
+        JobSubmitted(at=T0, job_id="a", task_id=None, action="log", kind=JobKind.SUBMIT,
+                     due_at=T0, trace_id="x"),
+        JobSubmitted(at=T0, job_id="b", task_id=None, action="log", kind=JobKind.SUBMIT,
+                     due_at=T0, trace_id="x"),
+        JobSubmitted(at=T0, job_id="c", task_id="t1", action="log", kind=JobKind.CRON,
+                     due_at=T0, trace_id="x"),
+        started("t1", 0.002),
+        started("t1", 0.3, recovered=True),
+        started(None, 0.0),
+        RunSucceeded(at=T0, run=run(Outcome.SUCCEEDED), duration=1.5),
+        RunFailed(at=T0, run=run(Outcome.FAILED, code="ERR_EXEC_FAILED"), duration=0.2,
+                  will_retry=True, retry_at=T0 + 10),
+        RunFailed(at=T0, run=run(Outcome.FAILED, task=None, code="ERR_CONN_TIMEOUT"),
+                  duration=0.1),
+        RunTimedOut(at=T0, run=run(Outcome.TIMED_OUT, code="ERR_TIMEOUT"), duration=30.0),
+        # skipped and cancelled before they started: counted, but not a duration
+        RunSkipped(at=T0, run=run(Outcome.SKIPPED, code="ERR_SKIPPED_OVERLAP", started=None),
+                   duration=0.0),
+        RunCancelled(at=T0, run=run(Outcome.CANCELLED, task=None, started=None), duration=0.0),
+    ]:
+        m(ev)
+    s = scrape(m)
+    assert val(s, "jobs_submitted_total", kind="submit") == 2
+    assert val(s, "jobs_submitted_total", kind="cron") == 1
+    assert val(s, "runs_started_total", task="t1") == 2
+    assert val(s, "runs_started_total", task="") == 1
+    assert val(s, "runs_recovered_total", task="t1") == 1
+    assert val(s, "runs_succeeded_total", task="t1") == 1
+    assert val(s, "runs_failed_total", task="t1", error_code="ERR_EXEC_FAILED") == 1
+    assert val(s, "runs_failed_total", task="", error_code="ERR_CONN_TIMEOUT") == 1
+    assert val(s, "retries_scheduled_total", task="t1") == 1
+    assert val(s, "runs_timed_out_total", task="t1") == 1
+    assert val(s, "runs_skipped_total", task="t1") == 1
+    assert val(s, "runs_cancelled_total", task="") == 1
+    # lateness: 0, 2 ms, 300 ms
+    assert val(s, "fire_lateness_seconds_count") == 3
+    assert val(s, "fire_lateness_seconds_bucket", le="0.001") == 1
+    assert val(s, "fire_lateness_seconds_bucket", le="0.0025") == 2
+    assert val(s, "fire_lateness_seconds_bucket", le="0.25") == 2
+    assert val(s, "fire_lateness_seconds_bucket", le="0.5") == 3
+    assert val(s, "fire_lateness_seconds_sum") == pytest.approx(0.302)
+    # durations only for runs that started
+    assert val(s, "run_duration_seconds_count", outcome="succeeded") == 1
+    assert val(s, "run_duration_seconds_count", outcome="failed") == 2
+    assert val(s, "run_duration_seconds_sum", outcome="timed_out") == 30.0
+    assert val(s, "run_duration_seconds_count", outcome="skipped") is None
+    assert val(s, "run_duration_seconds_count", outcome="cancelled") is None
+
+
+def test_lateness_buckets_span_one_millisecond_to_a_minute() -> None:
+    assert LATENESS_BUCKETS[0] == 0.001
+    assert LATENESS_BUCKETS[-1] == 60.0
+    assert list(LATENESS_BUCKETS) == sorted(LATENESS_BUCKETS)
+
+
+def test_misfires_reloads_store_failures_and_start_time() -> None:
+    m = KernelMetrics()
+    m(MisfireDecided(at=T0, record=MisfireRecord(
+        task_id="nightly", decided_at=T0, policy="run_once", missed=4, first_missed=T0 - 400,
+        last_missed=T0 - 100, ran=1)))
+    m(ConfigReloaded(at=T0, source="SIGHUP", added=["a"], removed=[], changed=[]))
+    m(ConfigReloaded(at=T0, source="SIGHUP", added=[], removed=[], changed=[], error="bad"))
+    m(ConfigReloaded(at=T0, source="api", added=[], removed=["a"], changed=[]))
+    m(StoreFailed(at=T0, error_code="ERR_STORE_FULL", message="disk full"))
+    m(KernelStarted(at=T0, data_dir="/tmp", store="memory", api_url=None, tasks=1,
+                    recovered_jobs=0))
+    s = scrape(m)
+    assert val(s, "misfires_total", task="nightly", policy="run_once") == 4
+    assert val(s, "misfire_runs_total", task="nightly") == 1
+    assert val(s, "config_reloads_total", result="ok") == 2
+    assert val(s, "config_reloads_total", result="error") == 1
+    assert val(s, "store_failures_total", error_code="ERR_STORE_FULL") == 1
+    assert val(s, "start_time_seconds") == T0
+
+
+def test_snapshot_gauges_are_read_at_scrape_time() -> None:
+    m = KernelMetrics()
+    s = scrape(m, snapshot())
+    assert val(s, "queue_depth") == 3
+    assert val(s, "queue_capacity") == 1024
+    assert val(s, "running_jobs") == 2
+    assert val(s, "max_concurrency") == 8
+    assert val(s, "timers") == 7
+    assert val(s, "pending_jobs") == 5
+    assert val(s, "tasks") == 4
+    s = scrape(m, snapshot(queued=0, running=0))
+    assert val(s, "queue_depth") == 0
+    assert val(s, "running_jobs") == 0
+
+
+def test_gpu_gauges_in_bytes_and_store_commit_latency() -> None:
+    m = KernelMetrics()
+    m.set_gpu(0, reserved_mb=1024, free_mb=2048.5, total_mb=81920)
+    m.set_gpu(1, reserved_mb=0, free_mb=100, total_mb=100)
+    m.observe_commit(0.0004)
+    m.observe_commit(0.02)
+    s = scrape(m)
+    mib = 1024 * 1024
+    assert val(s, "gpu_memory_reserved_bytes", gpu="0") == 1024 * mib
+    assert val(s, "gpu_memory_free_bytes", gpu="0") == 2048.5 * mib
+    assert val(s, "gpu_memory_total_bytes", gpu="0") == 81920 * mib
+    assert val(s, "gpu_memory_free_bytes", gpu="1") == 100 * mib
+    assert val(s, "store_commit_seconds_count") == 2
+    assert val(s, "store_commit_seconds_bucket", le="0.0005") == 1
+    assert val(s, "store_commit_seconds_bucket", le="0.025") == 2
+
+
+def test_gpu_gauges_come_from_the_snapshot() -> None:
+    m = KernelMetrics()
+    snap = dataclasses.replace(snapshot(), gpus=(
+        GpuView(index=0, name="H100", total_mb=81920, free_mb=60000, reserved_mb=20000,
+                utilization_pct=40),
+        GpuView(index=1, name="H100", total_mb=81920, free_mb=81920, reserved_mb=0,
+                utilization_pct=None)))
+    s = scrape(m, snap)
+    mib = 1024 * 1024
+    assert val(s, "gpu_memory_reserved_bytes", gpu="0") == 20000 * mib
+    assert val(s, "gpu_memory_free_bytes", gpu="0") == 60000 * mib
+    assert val(s, "gpu_memory_total_bytes", gpu="1") == 81920 * mib
+    assert val(s, "gpu_utilization_ratio", gpu="0") == pytest.approx(0.4)
+    assert val(s, "gpu_utilization_ratio", gpu="1") is None
+
+
+def test_task_label_cardinality_is_capped() -> None:
+    m = KernelMetrics(max_task_labels=2)
+    for task in ["a", "b", "c", "d", "a", None]:
+        m(started(task, 0.0))
+    s = scrape(m)
+    assert val(s, "runs_started_total", task="a") == 2
+    assert val(s, "runs_started_total", task="b") == 1
+    assert val(s, "runs_started_total", task="c") is None
+    assert val(s, "runs_started_total", task="other") == 2
+    assert val(s, "runs_started_total", task="") == 1  # ad-hoc jobs never use up the cap
+    assert val(s, "task_label_overflow_total") == 2
+    with pytest.raises(ValueError, match="max_task_labels"):
+        KernelMetrics(max_task_labels=0)
+
+
+def test_each_instance_has_its_own_registry() -> None:
+    a, b = KernelMetrics(), KernelMetrics()  # no "Duplicated timeseries" error
+    a(started("t", 0.0))
+    assert val(scrape(a), "runs_started_total", task="t") == 1
+    assert val(scrape(b), "runs_started_total", task="t") is None
+    global_text = prometheus_client.generate_latest(prometheus_client.REGISTRY).decode()
+    assert P not in global_text
+
+
+async def test_subscribed_to_a_real_kernel_counts_its_runs() -> None:
+    h = make_harness("""
+        [[tasks]]
+        id = "tick"
+        schedule = "@every 5s"
+        action = "rec"
+        [[tasks]]
+        id = "broken"
+        schedule = "@every 10s"
+        action = "rec"
+        payload = { mode = "fail", code = "ERR_EXEC_FAILED" }
+        """)
+    m = KernelMetrics()
+    h.kernel.bus.subscribe(m)
+    await h.start()
+    await h.advance(21)
+    await h.kernel.submit(SubmitRequest(action="rec", delay=100))
+    s = scrape(m, h.kernel.snapshot())
+    assert val(s, "runs_succeeded_total", task="tick") == 4
+    assert val(s, "runs_failed_total", task="broken", error_code="ERR_EXEC_FAILED") == 2
+    assert val(s, "runs_started_total", task="tick") == 4
+    assert val(s, "jobs_submitted_total", kind="submit") == 1
+    assert val(s, "fire_lateness_seconds_count") == 6
+    assert val(s, "tasks") == 2
+    assert val(s, "pending_jobs") == 1
+    assert val(s, "running_jobs") == 0
+    assert (val(s, "start_time_seconds") or 0) > 0
+    await h.stop()
+
+
+def _exported_names() -> set[str]:
+    m = KernelMetrics()
+    m.set_gpu(0, 1, 1, 1)
+    return {fam.name for fam in m.registry.collect()}
+
+
+def _metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression, with ``{__name__=~"a_(b|c)_total"}`` expanded."""
+    out: set[str] = set()
+    for prefix, alts, suffix in re.findall(r'__name__=~"([a-z_]+)\(([a-z_|]+)\)([a-z_]*)"', expr):
+        out |= {prefix + alt + suffix for alt in alts.split("|")}
+    plain = re.sub(r'__name__=~"[^"]*"', "", expr)
+    out |= set(re.findall(r"\bautoglm_kernel_[a-z_]+", plain))
+    return out
+
+
+def test_alert_rules_only_use_metrics_that_exist() -> None:
+    rules = yaml.safe_load((ROOT / "scripts/prometheus/alert_rules.yml").read_text())
+    names = _exported_names()
+    used: set[str] = set()
+    alerts = []
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            alerts.append(rule["alert"])
+            assert {"expr", "labels", "annotations"} <= rule.keys(), rule["alert"]
+            assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+            used |= _metric_names(rule["expr"])
+    for metric in used:
+        base = re.sub(r"_(total|bucket|sum|count)$", "", metric)
+        assert base in names, f"alert rules use {metric}, which KernelMetrics does not export"
+    assert {"KernelDown", "KernelHighFailureRate", "KernelRunTimeouts",
+            "KernelQueueNearlyFull", "KernelMisfires"} <= set(alerts)
+
+
+def test_prometheus_example_scrapes_the_default_api_address() -> None:
+    cfg = yaml.safe_load((ROOT / "scripts/prometheus/prometheus.yml").read_text())
+    job = cfg["scrape_configs"][0]
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:8765"]
+    assert job["metrics_path"] == "/metrics"
+    assert cfg["rule_files"] == ["alert_rules.yml"]
+    assert cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
+        "localhost:9093"]
