@@ -96,8 +96,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .main import serve
 
     try:
-        return _run_async(serve(a.config, a.tasks, log_format=a.log_format, tui=a.tui,
-                                port=a.port, server=not a.no_server))
+        try:
+            return _run_async(serve(a.config, a.tasks, log_format=a.log_format, tui=a.tui,
+                                    port=a.port, server=not a.no_server))
+        except BaseExceptionGroup as group:  # a service (the API server) failed to start
+            first = _first_kernel_error(group)
+            if first is None:
+                raise
+            raise first from None
     except ConfigError as exc:
         print("the kernel did not start: the configuration has problems:", file=sys.stderr)
         for issue in exc.issues:
@@ -111,6 +117,17 @@ def cmd_run(a: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _first_kernel_error(group: BaseExceptionGroup[BaseException]) -> KernelError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, KernelError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_kernel_error(exc)
+            if found is not None:
+                return found
+    return None
 
 
 def cmd_validate(a: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import config as config_mod
 from . import logs
-from .api.server import api_service
+from .api.server import api_service, api_token
 from .app import Kernel, KernelParts
 from .clock import Clock, SystemClock
 from .config import Config
@@ -95,6 +95,7 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
     metrics = KernelMetrics()
     services: list[Service] = []
     if cfg.server.enabled:
+        api_token(cfg)  # refuse to start on a non-loopback address without a token
         services.append(functools.partial(api_service, metrics=metrics.render))
     reloader = ConfigReloader(config_path, tasks_file, plugins)
     if config_path is not None:
