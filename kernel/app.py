@@ -502,7 +502,8 @@ class Kernel:
             self._offer(res.job, now_mono, occurrence=overlap)
 
     def _offer(self, job: Job, now_mono: float, *, occurrence: bool = False) -> None:
-        decision = self._dispatcher.offer(job, now_mono, occurrence=occurrence)
+        decision = self._dispatcher.offer(job, now_mono, occurrence=occurrence,
+                                          concurrency_key=self._concurrency_key(job))
         if decision.verdict is Verdict.SKIPPED:
             self._spawn(self._finish_unrun(job, Outcome.SKIPPED, ErrorCode.ERR_SKIPPED_OVERLAP,
                                            "previous run still going (overlap policy)"))
@@ -512,6 +513,16 @@ class Kernel:
                 if r is not None:
                     r.cancel_reason = "overlap"
                     r.task.cancel()
+
+    def _concurrency_key(self, job: Job) -> str | None:
+        """The action's own key for a job (e.g. its model endpoint), if it defines one."""
+        action = self.plugins.actions.get(job.action)
+        if action is None or action.concurrency_key is None:
+            return None
+        try:
+            return action.concurrency_key(self.plugins.decode_payload(action, job.payload))
+        except Exception:  # a bad payload fails when it runs, with its own error code
+            return None
 
     def _pump(self) -> None:
         if self._stopping or self._runs is None:

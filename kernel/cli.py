@@ -142,14 +142,16 @@ def cmd_validate(a: argparse.Namespace) -> int:
     except ConfigError as exc:
         issues = exc.issues
         cfg = None
-    if issues:
-        for issue in issues:
-            print(str(issue), file=sys.stderr)
-        print(f"{len(issues)} problem(s) found", file=sys.stderr)
+    for issue in issues:
+        print(str(issue), file=sys.stderr)
+    errors = [i for i in issues if i.severity == "error"]
+    if errors:
+        print(f"{len(errors)} problem(s) found", file=sys.stderr)
         return 1
     assert cfg is not None
     enabled = sum(1 for t in cfg.tasks if t.enabled)
-    print(f"{cfg.source}: valid ({len(cfg.tasks)} task(s), {enabled} enabled)")
+    warned = f", {len(issues)} warning(s)" if issues else ""
+    print(f"{cfg.source}: valid ({len(cfg.tasks)} task(s), {enabled} enabled{warned})")
     return 0
 
 

@@ -133,7 +133,7 @@ class Dispatcher:
               concurrency_key: str | None = None) -> Decision:
         """A job came due. Occurrences of a task are subject to its overlap policy."""
         rules = self._rules(job.task_id) if job.task_id else None
-        key = concurrency_key or (rules.concurrency_key if rules else None)
+        key = (rules.concurrency_key if rules else None) or concurrency_key
         if occurrence and rules is not None and job.task_id is not None:
             busy = self._by_task[job.task_id] >= rules.max_instances
             queued = self._queued_by_task[job.task_id]

@@ -181,14 +181,19 @@ class KernelError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ConfigIssue:
-    """One problem in a config file: where (file, task id or field path) and what is wrong."""
+    """One problem in a config file: where (file, task id or field path) and what is wrong.
+
+    A ``warning`` does not stop the kernel (e.g. a disabled task names an action that is not
+    installed); an ``error`` does."""
 
     file: str
     where: str
     message: str
+    severity: str = "error"
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.where}: {self.message}"
+        tag = "warning: " if self.severity == "warning" else ""
+        return f"{self.file}: {self.where}: {tag}{self.message}"
 
 
 class ConfigError(KernelError):
@@ -288,8 +293,9 @@ class ActionError(KernelError):
 class Retry(ActionError):
     """Control flow: the action asks to be run again after ``delay`` seconds (arq's ``Retry``)."""
 
-    def __init__(self, delay: float | None = None, message: str = "retry requested") -> None:
-        super().__init__(message, code=ErrorCode.ERR_ACTION_FAILED, retryable=True)
+    def __init__(self, delay: float | None = None, message: str = "retry requested", *,
+                 code: ErrorCode = ErrorCode.ERR_ACTION_FAILED) -> None:
+        super().__init__(message, code=code, retryable=True)
         self.delay = delay
 
 

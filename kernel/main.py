@@ -75,8 +75,12 @@ def load_checked(config_path: Path | None, tasks_file: Path | None,
     """Load, decode and validate; raises ConfigError listing every problem."""
     cfg = config_mod.load(config_path, tasks_file=tasks_file)
     issues = validate(cfg, plugins)
-    if issues:
-        raise ConfigError(issues)
+    errors = [i for i in issues if i.severity == "error"]
+    for w in issues:
+        if w.severity != "error":
+            log.warning("%s", w)
+    if errors:
+        raise ConfigError(errors)
     return cfg
 
 

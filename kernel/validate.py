@@ -85,8 +85,11 @@ def validate(cfg: Config, plugins: PluginSet | None,
                 action = plugins.action(t.action)
                 plugins.decode_payload(action, t.payload)
             except KernelError as exc:
-                field = "action" if exc.code.value == "ERR_ACTION_NOT_FOUND" else "payload"
-                issues.append(ConfigIssue(file, f"{where}.{field}", f"[{exc.code}] {exc}"))
+                missing = exc.code.value == "ERR_ACTION_NOT_FOUND"
+                field = "action" if missing else "payload"
+                # a disabled task may name a plugin that is not installed yet: warn, do not stop
+                sev = "warning" if missing and not t.enabled else "error"
+                issues.append(ConfigIssue(file, f"{where}.{field}", f"[{exc.code}] {exc}", sev))
     cycle = find_cycle(cfg.tasks)
     if cycle and len(cycle) > 2:
         issues.append(ConfigIssue(file, "tasks.after",

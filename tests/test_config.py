@@ -108,9 +108,18 @@ def test_seed_yaml_tasks_are_accepted(tmp_path: Path) -> None:
         "    schedule: \"*/5 * * * *\"\n"
         "    action: log\n"
         "    enabled: false\n")
-    cfg = config_mod.load(None, tasks_file=y)
+    base = tmp_path / "config.toml"
+    base.write_text("[scheduler]\npolicy = \"fifo\"\n")
+    cfg = config_mod.load(base, tasks_file=y)
     ids = {t.id: t.enabled for t in cfg.tasks}
     assert ids["daily_summary_report"] is True and ids["disabled_one"] is False
+
+
+def test_seed_yaml_task_clashing_with_the_config_is_a_duplicate(tmp_path: Path) -> None:
+    y = tmp_path / "tasks.yaml"
+    y.write_text("tasks:\n  - id: heartbeat\n    schedule: \"* * * * *\"\n    action: log\n")
+    with pytest.raises(ConfigError, match="task 'heartbeat': duplicate task id"):
+        config_mod.load(None, tasks_file=y)
 
 
 def test_seed_yaml_errors_name_the_yaml_file(tmp_path: Path) -> None:

@@ -1,0 +1,31 @@
+"""The preprocess plugin: the ``preprocess.prepare`` action, from ``[plugins.preprocess]``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kernel.hookspecs import Action, PluginContext, RunContext, hookimpl
+
+from .prepare import prepare
+from .settings import PreparePayload, Settings
+
+
+class PreprocessPlugin:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def prepare(self, ctx: RunContext, p: PreparePayload) -> str:
+        report = await asyncio.to_thread(prepare, p, self.settings, ctx.scheduled_at)
+        if report.read.skipped:
+            ctx.log.warning("preprocess.prepare skipped %d line(s): %s", report.read.skipped,
+                            "; ".join(report.read.examples))
+        ctx.log.info("preprocess.prepare: %s", report)
+        return str(report)
+
+
+@hookimpl
+def register_actions(context: PluginContext) -> list[Action]:
+    plugin = PreprocessPlugin(Settings.load(context.section("preprocess")))
+    return [Action("preprocess.prepare", plugin.prepare,
+                   "Read text/JSONL/CSV files, normalise, deduplicate and chunk them into "
+                   "JSONL records {id, source, chunk, text}.", PreparePayload)]

@@ -1,0 +1,165 @@
+"""The ``preprocess.prepare`` pipeline: expand globs, read, normalise, drop duplicates, chunk,
+write JSONL atomically.
+
+Deterministic by construction: files are taken in sorted path order, documents in file order,
+the first copy of a duplicate wins, ids are content hashes (``<sha256 of the normalised
+document, 16 hex>-<chunk number>``), and records are encoded with a fixed key order. The same
+inputs therefore give the same output bytes; when they are already on disk the file is not
+rewritten at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import os
+import re
+import zoneinfo
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from kernel.errors import ActionError, ErrorCode
+
+from ._files import atomic_write
+from .readers import Document, ReadStats, format_of, read_csv, read_jsonl, read_text
+from .settings import PreparePayload, Settings
+from .text import chunk, content_hash, normalise
+
+_DATE = re.compile(r"\{(date|yesterday)(?::([^{}]+))?\}")
+
+
+class Record(msgspec.Struct, frozen=True):
+    """One output line; field order is the JSON key order."""
+
+    id: str
+    source: str
+    chunk: int
+    text: str
+
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(slots=True)
+class Report:
+    files: int = 0
+    documents: int = 0
+    duplicates: int = 0
+    empty: int = 0
+    chunks: int = 0
+    changed: bool = True
+    output: str = ""
+    read: ReadStats = field(default_factory=ReadStats)
+
+    def __str__(self) -> str:
+        text = (f"{self.files} file(s), {self.documents} document(s) kept "
+                f"({self.duplicates} duplicate(s), {self.empty} empty dropped), "
+                f"{self.chunks} chunk(s) -> {self.output}")
+        if self.read.skipped:
+            text += f"; {self.read.skipped} line(s) skipped (e.g. {self.read.examples[0]})"
+        if not self.changed:
+            text += " (unchanged)"
+        return text
+
+
+def expand_dates(pattern: str, scheduled_at: float | None, tz: str) -> str:
+    """Replace ``{date}`` / ``{yesterday}`` (optionally ``{yesterday:%Y%m%d}``) with the run's
+    scheduled day in ``tz`` (never the clock's: a rerun of an occurrence reads the same files).
+    """
+    if not _DATE.search(pattern):
+        return pattern
+    if scheduled_at is None:
+        raise ActionError(f"{pattern!r} uses {{date}}/{{yesterday}} but the run has no "
+                          "scheduled instant", code=ErrorCode.ERR_BAD_PAYLOAD)
+    day = dt.datetime.fromtimestamp(scheduled_at, zoneinfo.ZoneInfo(tz)).date()
+
+    def sub(m: re.Match[str]) -> str:
+        d = day if m.group(1) == "date" else day - dt.timedelta(days=1)
+        return d.strftime(m.group(2)) if m.group(2) else d.isoformat()
+
+    return _DATE.sub(sub, pattern)
+
+
+def resolve(path: str, base_dir: str) -> str:
+    p = os.path.expanduser(path)
+    if base_dir and not os.path.isabs(p):
+        p = os.path.join(os.path.expanduser(base_dir), p)
+    return p
+
+
+def find_files(patterns: list[str], exclude: Path) -> list[Path]:
+    found: set[str] = set()
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            found.update(glob.glob(pattern, recursive=True))
+        elif os.path.exists(pattern):
+            found.add(pattern)
+    out = []
+    for name in sorted(found):
+        p = Path(name)
+        if p.is_file() and os.path.abspath(p) != os.path.abspath(exclude):
+            out.append(p)
+    return out
+
+
+def _documents(files: list[Path], p: PreparePayload, stats: ReadStats) -> Iterator[Document]:
+    for path in files:
+        kind = format_of(path, p.format)
+        if kind == "jsonl":
+            yield from read_jsonl(path, p.field, p.encoding, stats)
+        elif kind == "csv":
+            yield from read_csv(path, p.column, p.encoding)
+        else:
+            yield from read_text(path, p.split, p.encoding)
+
+
+def build(files: list[Path], p: PreparePayload, s: Settings, report: Report) -> bytes:
+    """The output file's bytes (pure apart from reading ``files``)."""
+    size = p.chunk_tokens if p.chunk_tokens is not None else s.chunk_tokens
+    overlap = p.overlap_tokens if p.overlap_tokens is not None else s.overlap_tokens
+    if overlap >= size:
+        raise ActionError(f"overlap_tokens ({overlap}) must be smaller than chunk_tokens "
+                          f"({size})", code=ErrorCode.ERR_BAD_PAYLOAD)
+    unit = p.tokens or s.tokens
+    seen: set[str] = set()
+    out = bytearray()
+    for doc in _documents(files, p, report.read):
+        text = normalise(doc.text)
+        if len(text) < max(1, p.min_chars):
+            report.empty += 1
+            continue
+        digest = content_hash(text)
+        if p.dedup:
+            if digest in seen:
+                report.duplicates += 1
+                continue
+            seen.add(digest)
+        report.documents += 1
+        for n, piece in enumerate(chunk(text, size, overlap, unit)):
+            out += _encoder.encode(Record(f"{digest[:16]}-{n}", doc.source, n, piece))
+            out += b"\n"
+            report.chunks += 1
+    return bytes(out)
+
+
+def prepare(p: PreparePayload, s: Settings, scheduled_at: float | None) -> Report:
+    """Run the whole pipeline (synchronous: call it through a thread)."""
+    output = Path(resolve(expand_dates(p.output, scheduled_at, p.tz), s.base_dir))
+    patterns = [resolve(expand_dates(x, scheduled_at, p.tz), s.base_dir) for x in p.inputs]
+    files = find_files(patterns, exclude=output)
+    if not files and p.if_missing == "fail":
+        raise ActionError(f"no file matches {', '.join(patterns)} (set if_missing = \"empty\" "
+                          "to write an empty output instead)", code=ErrorCode.ERR_ACTION_FAILED,
+                          retryable=False)
+    report = Report(files=len(files), output=str(output))
+    data = build(files, p, s, report)
+    try:
+        report.changed = output.read_bytes() != data
+    except OSError:
+        report.changed = True
+    if report.changed:
+        atomic_write(output, data)
+    return report
