@@ -526,7 +526,8 @@ def _tasks(view: TuiView, rows: int, width: int, wide: bool) -> RenderableType:
         cells: list[RenderableType] = [Text(x.id, style="bold")]
         if wide:
             cells.append(x.action)
-        cells.append(x.schedule or Text("(manual)", style="dim"))
+        cells.append(x.schedule or Text(f"after {', '.join(x.after)}" if x.after else "(manual)",
+                                        style="dim"))
         if wide:
             nxt = "-" if x.next_due is None else (
                 f"{_stamp(x.next_due, s.at)} ({_rel(x.next_due, s.at)})")
