@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import signal
+import threading
 from typing import Any
 
 import msgspec
@@ -21,7 +22,7 @@ import msgspec
 from .errors import ActionError, BadPayload, ErrorCode
 from .hookspecs import Action, PluginContext, RunContext, hookimpl
 
-_TAIL = 4096
+_TAIL = 1900  # the run history keeps 2 KiB of detail: the end of the output
 _SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "VIRTUAL_ENV")
 
 
@@ -112,7 +113,30 @@ def _tail(b: bytes) -> str:
     return b[-_TAIL:].decode("utf-8", "replace")
 
 
+async def _read_tail(stream: asyncio.StreamReader | None) -> bytes:
+    """Read a pipe to its end keeping only the last ``_TAIL`` bytes (a child may write GBs)."""
+    if stream is None:
+        return b""
+    buf = bytearray()
+    while chunk := await stream.read(65536):
+        buf += chunk
+        if len(buf) > 2 * _TAIL:
+            del buf[:-_TAIL]
+    return bytes(buf[-_TAIL:])
+
+
+async def _feed(proc: asyncio.subprocess.Process, data: str | None) -> None:
+    if data is None or proc.stdin is None:
+        return
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        proc.stdin.write(data.encode())
+        await proc.stdin.drain()
+    proc.stdin.close()
+
+
 async def run_exec(ctx: RunContext, p: ExecPayload) -> str:
+    if p.cwd is not None and not os.path.isdir(p.cwd):  # noqa: ASYNC240 - one stat, before fork
+        raise ActionError(f"cwd {p.cwd!r} is not a directory", code=ErrorCode.ERR_EXEC_FAILED)
     try:
         proc = await asyncio.create_subprocess_exec(
             *p.argv,
@@ -128,7 +152,8 @@ async def run_exec(ctx: RunContext, p: ExecPayload) -> str:
         raise ActionError(f"cannot start {p.argv[0]!r}: {exc.strerror or exc}",
                           code=ErrorCode.ERR_EXEC_FAILED) from None
     try:
-        out, err = await proc.communicate(p.stdin.encode() if p.stdin is not None else None)
+        out, err, _, _ = await asyncio.gather(
+            _read_tail(proc.stdout), _read_tail(proc.stderr), _feed(proc, p.stdin), proc.wait())
     except BaseException:
         await asyncio.shield(_stop_group(proc, p.grace))
         raise
@@ -162,10 +187,45 @@ async def run_python(ctx: RunContext, p: PythonPayload) -> Any:
     kwargs = dict(p.kwargs)
     if p.pass_context:
         kwargs["ctx"] = ctx
-    if inspect.iscoroutinefunction(fn):
-        return await fn(*p.args, **kwargs)
-    # a sync function runs in a thread; on timeout the thread cannot be stopped, only abandoned
-    return await asyncio.to_thread(fn, *p.args, **kwargs)
+    try:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*p.args, **kwargs)
+        return await _in_daemon_thread(fn, *p.args, **kwargs)
+    except SystemExit as exc:  # a script's main() calling sys.exit() must not stop the kernel
+        if exc.code in (None, 0):
+            return None
+        raise ActionError(f"python target {p.target!r} called sys.exit({exc.code!r})",
+                          code=ErrorCode.ERR_ACTION_FAILED) from None
+
+
+async def _in_daemon_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a sync function in a daemon thread of its own. On timeout a thread cannot be stopped,
+    only abandoned: a daemon thread never keeps the process from exiting, and an abandoned one
+    does not occupy the loop's default executor (which name resolution shares)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def work() -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # delivered to the awaiting coroutine
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(settle, False, exc)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, True, result)
+
+    threading.Thread(target=work, name=f"python-action:{getattr(fn, '__name__', 'fn')}",
+                     daemon=True).start()
+    return await fut
 
 
 async def run_log(ctx: RunContext, p: LogPayload) -> str:

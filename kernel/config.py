@@ -122,6 +122,8 @@ class SchedulerSection(_Section):
 
     def __post_init__(self) -> None:
         self._durations("aging")
+        if float(self.aging) <= 0:
+            raise ValueError("aging: must be more than 0 seconds")
         if self.queue_depth < 1:
             raise ValueError("queue_depth: must be at least 1")
         if self.max_concurrency < 1:
@@ -168,6 +170,8 @@ class TaskConfig(_Section):
 
     def __post_init__(self) -> None:
         self._durations("timeout", "jitter", "misfire_grace")
+        if self.timeout is not None and float(self.timeout) <= 0:
+            raise ValueError("timeout: must be more than 0 seconds (leave it out for the default)")
         if not TASK_ID_RE.match(self.id):
             raise ValueError("id: must be 1-128 characters of letters, digits, '_', '.', '-'")
         if self.max_instances < 1:

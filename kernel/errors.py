@@ -85,7 +85,7 @@ CATALOGUE: dict[ErrorCode, CatalogueEntry] = {
            "Raise the task's `timeout` (or `[scheduler] timeout_sec`), or make the action faster."),
         _e(C.ERR_CANCELLED, "The run was cancelled: by a user (DELETE /jobs/{id}), by an overlap "
            "policy (`cancel_other`), or by shutdown after the grace period.",
-           "Nothing to fix if intended; raise `[kernel] shutdown_grace_sec` for long runs."),
+           "Nothing to fix if intended; raise `[kernel] shutdown_grace` for long runs."),
         _e(C.ERR_ACTION_FAILED, "The action raised an exception that carried no more specific code.",
            "Read the run's error text (GET /runs/{trace_id} or `python -m kernel runs`)."),
         _e(C.ERR_ACTION_NOT_FOUND, "No installed plugin provides the named action.",

@@ -142,3 +142,12 @@ def test_durations(text: str | int, secs_: float) -> None:
 def test_bad_durations(bad: str) -> None:
     with pytest.raises(ValueError, match="duration|negative"):
         parse_duration(bad)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("jitter", "inf"), ("timeout", "nan"), ("timeout", 0), ("misfire_grace", "1e400")])
+def test_non_finite_or_zero_durations_are_rejected(field: str, value: object) -> None:
+    val = f'"{value}"' if isinstance(value, str) else str(value)
+    _, issues = config_mod.parse_text(
+        f'[[tasks]]\nid = "t"\naction = "log"\n{field} = {val}\n', "c.toml")
+    assert [i.where for i in issues] == [f"task 't'.{field}"]

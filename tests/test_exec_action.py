@@ -144,3 +144,47 @@ async def test_rlimit_memory_limit_is_applied() -> None:
     assert run.outcome is Outcome.SUCCEEDED, run.detail
     assert int(run.detail.strip()) == 2048 * 1024 * 1024
     await h.stop()
+
+
+async def test_exec_keeps_only_a_tail_of_huge_output() -> None:
+    h = make_harness("")
+    await h.start()
+    code = "import sys\nfor _ in range(2000): sys.stdout.write('x' * 65536)\nprint('THE END')"
+    await h.kernel.submit(SubmitRequest(action="exec", payload={
+        "argv": [sys.executable, "-c", code]}))
+    run = await one_run(h)
+    assert run.outcome is Outcome.SUCCEEDED
+    assert run.detail.endswith("THE END\n") and len(run.detail) <= 2048
+    await h.stop()
+
+
+async def test_exec_with_a_missing_cwd_names_the_cwd(tmp_path: Path) -> None:
+    h = make_harness("")
+    await h.start()
+    await h.kernel.submit(SubmitRequest(action="exec", payload={
+        "argv": ["/bin/echo", "hi"], "cwd": str(tmp_path / "nope")}))
+    run = await one_run(h)
+    assert run.error_code == "ERR_EXEC_FAILED" and "cwd" in run.detail and "nope" in run.detail
+    await h.stop()
+
+
+def exits(code: int | None) -> None:
+    raise SystemExit(code)
+
+
+async def test_python_target_calling_sys_exit_does_not_stop_the_kernel() -> None:
+    h = make_harness("")
+    await h.start()
+    await h.kernel.submit(SubmitRequest(action="python", payload={
+        "target": "tests.test_exec_action:exits", "args": [3]}))
+    run = await one_run(h)
+    assert run.outcome is Outcome.FAILED and "sys.exit(3)" in run.detail
+    await h.kernel.submit(SubmitRequest(action="python", payload={
+        "target": "tests.test_exec_action:exits", "args": [0]}))
+
+    async def two() -> bool:
+        return len(await h.runs()) == 2
+    await wait_for(two, "the second run")
+    assert (await h.runs())[1].outcome is Outcome.SUCCEEDED
+    assert h.task is not None and not h.task.done()  # the kernel is still running
+    await h.stop()
