@@ -1,11 +1,12 @@
 """Misfire decisions: what to run for occurrences missed while the kernel was down (pure).
 
-Occurrences in ``(last, now]`` late by at most ``grace`` seconds are simply late: they run.
-Older ones are *missed*, and the task's policy decides:
+Occurrences in ``(last, now]`` late by at most ``grace`` seconds are *late*; older ones are
+*missed*. One late occurrence alone simply runs. Otherwise the task's policy decides:
 
-* ``coalesce`` (default): run once, for the most recent missed occurrence;
-* ``catch_up``: run each missed occurrence, at most ``max_catch_up`` of them (the most recent);
-* ``skip``: run none.
+* ``coalesce`` (default): run once, for the most recent occurrence;
+* ``catch_up``: run each, at most ``max_catch_up`` of them (the most recent);
+* ``skip``: run none of the missed ones; only the most recent occurrence runs, and only if it
+  is late by no more than ``grace``.
 
 Every decision with missed occurrences returns a :class:`MisfireRecord` for the store and log.
 Counting stops at ``scan_limit`` occurrences (a per-second task down for a week has 604,800); the
@@ -70,15 +71,18 @@ def plan_misfires(
                     t = schedule.next_after(t)
             break
         t = schedule.next_after(t)
-    if missed == 0 or first_missed is None:
+    if len(late) <= 1 and missed == 0:
         return MisfirePlan(tuple(late), None, newest)
+    due = [*missed_tail, *late]
     if policy is Misfire.COALESCE:
-        chosen: list[float] = [missed_tail[-1]] if not late else []
+        chosen = due[-1:]
     elif policy is Misfire.CATCH_UP:
-        chosen = list(missed_tail)[-max_catch_up:] if max_catch_up > 0 else []
+        chosen = due[-max(1, max_catch_up):] if max_catch_up > 0 else late[-1:]
     else:
-        chosen = []
+        chosen = late[-1:]
+    total = missed + len(late)
+    first = first_missed if first_missed is not None else late[0]
     record = MisfireRecord(
-        task_id=task_id, decided_at=now, policy=policy.value, missed=missed,
-        first_missed=first_missed, last_missed=missed_tail[-1], ran=len(chosen))
-    return MisfirePlan(tuple(chosen + late), record, newest)
+        task_id=task_id, decided_at=now, policy=policy.value, missed=total - len(chosen),
+        first_missed=first, last_missed=due[-1], ran=len(chosen))
+    return MisfirePlan(tuple(chosen), record, newest)

@@ -31,12 +31,12 @@ def test_nothing_missed_within_grace_runs_late_occurrences() -> None:
 def test_coalesce_runs_once_for_all_missed() -> None:
     p = plan(Misfire.COALESCE, 600.0)  # +60..+600: 10 occurrences; +600 is 0 s late
     assert p.record is not None
-    assert p.record.missed == 9 and p.record.ran == 0  # the on-time one covers them
+    assert p.record.missed == 9 and p.record.ran == 1  # the on-time one covers them
     assert p.run == (T0 + 600,)
     p2 = plan(Misfire.COALESCE, 630.0 - 1)  # +600 is 29 s late: in grace
     assert p2.run == (T0 + 600,)
     p3 = plan(Misfire.COALESCE, 645.0)  # every occurrence is > 30 s late
-    assert p3.record is not None and p3.record.missed == 10 and p3.record.ran == 1
+    assert p3.record is not None and p3.record.missed == 9 and p3.record.ran == 1
     assert p3.run == (T0 + 600,)
     assert p3.record.first_missed == T0 + 60 and p3.record.last_missed == T0 + 600
 
@@ -44,7 +44,7 @@ def test_coalesce_runs_once_for_all_missed() -> None:
 def test_catch_up_is_bounded_by_max_catch_up_keeping_the_newest() -> None:
     p = plan(Misfire.CATCH_UP, 3600.0 + 45, max_catch_up=5)
     assert p.record is not None
-    assert p.record.missed == 60 and p.record.ran == 5
+    assert p.record.missed == 55 and p.record.ran == 5
     assert p.run == tuple(T0 + 60 * k for k in range(56, 61))
 
 
@@ -60,9 +60,18 @@ def test_a_week_of_per_second_downtime_is_no_burst() -> None:
     p = plan(Misfire.CATCH_UP, 7 * 86400.0, sched=per_sec, max_catch_up=3, scan_limit=10_000)
     assert p.record is not None
     assert p.record.missed >= 10_000  # counting stopped at the scan limit
-    assert len(p.run) <= 3 + 31  # at most max_catch_up plus the in-grace ones
+    assert len(p.run) == 3
     assert max(p.run) == T0 + 7 * 86400.0
     assert p.last_considered == T0 + 7 * 86400.0
+
+
+@pytest.mark.parametrize(("policy", "runs"), [
+    (Misfire.COALESCE, 1), (Misfire.SKIP, 1), (Misfire.CATCH_UP, 3)])
+def test_many_occurrences_within_grace_are_no_burst(policy: Misfire, runs: int) -> None:
+    per_sec = parse_schedule("@every 1s", "UTC")
+    p = plan(policy, 45.0, sched=per_sec, grace=60.0, max_catch_up=3)
+    assert len(p.run) == runs and p.run[-1] == T0 + 45
+    assert p.record is not None and p.record.missed == 45 - runs
 
 
 def test_retry_delay_is_full_jitter_within_exponential_cap() -> None:
