@@ -151,10 +151,10 @@ class ConfigReloader:
         async with self._lock:
             try:
                 new = load_checked(self.config_path, self.tasks_file, self.plugins)
-            except KernelError as exc:
+                await self.kernel.reload(new, source)
+            except KernelError as exc:  # invalid file, or the store failed mid-reload
                 self.kernel.report_reload_error(source, exc)
                 return False
-            await self.kernel.reload(new, source)
             return True
 
     async def watch(self, kernel: Kernel) -> None:
@@ -167,4 +167,7 @@ class ConfigReloader:
         async for changes in watchfiles.awatch(*dirs, debounce=300, step=50,
                                                recursive=False):
             if any(c[1] in self._watched for c in changes):  # watchfiles gives absolute paths
-                await self.reload("file change")
+                try:
+                    await self.reload("file change")
+                except Exception:  # never let a reload bug stop the watcher or the kernel
+                    log.exception("config reload after a file change failed")
