@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from math import inf
 from typing import Any
 
 import msgspec
@@ -74,6 +77,13 @@ log = logging.getLogger("kernel")
 DETAIL_MAX = 2048
 MAINTENANCE_EVERY = 60.0
 BACKFILL_MAX = 10_000
+FIRE_CHUNK = 1024  # occurrences made durable and offered per store round trip
+# Garbage collector tuning while the kernel runs (KernelParts.gc_tuning): every run allocates a
+# dozen GC-tracked objects (task, coroutine, context, records), so CPython's default first
+# threshold (700) collects every ~60 runs and, worse, the oldest generation is re-scanned
+# whenever it has grown by a quarter, which with a million armed jobs is ~0.3 s a time.
+GC_GEN0_THRESHOLD = 20_000
+GC_FREEZE_MIN = 10_000  # at start-up, with this many timers armed: collect once, then freeze
 
 
 class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -96,6 +106,10 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class TaskRuntime:
     cfg: TaskConfig
     schedule: Schedule | None
+    rules: TaskRules = field(default_factory=TaskRules)
+    timeout: float | None = None       # cfg's durations in seconds, decoded once
+    grace: float = 0.0
+    jitter: float = 0.0
     paused: bool = False
     handle: int | None = None
     next_due: float | None = None      # wall instant of the armed occurrence
@@ -115,10 +129,6 @@ class _Tick:
         self.task_id = task_id
         self.at = at
         self.generation = generation
-
-
-class _Timeout(Exception):
-    pass
 
 
 @dataclass(slots=True)
@@ -151,6 +161,54 @@ class _RunningJob:
     started_mono: float
     timeout: float | None
     cancel_reason: str | None = None
+    deadline: float = inf        # monotonic instant its action times out (when it has a timeout)
+    in_action: bool = False      # awaiting the action (a timeout may cancel only then)
+    timed_out: bool = False
+
+
+class _Deadlines:
+    """Timeouts of running actions: for each distinct timeout length, the running jobs in start
+    order, which is deadline order (the clock is monotonic). Adding, removing and finding the
+    earliest are O(1), and only running jobs are held: a finished run leaves nothing behind
+    (no cancelled timer, no asyncio ``TimerHandle``, no helper task)."""
+
+    __slots__ = ("_groups",)
+
+    def __init__(self) -> None:
+        self._groups: dict[float, OrderedDict[str, _RunningJob]] = {}
+
+    def add(self, r: _RunningJob, length: float, now: float) -> float:
+        g = self._groups.get(length)
+        if g is None:
+            g = self._groups[length] = OrderedDict()
+        r.deadline = now + length
+        g[r.job.id] = r
+        return r.deadline
+
+    def remove(self, r: _RunningJob, length: float) -> None:
+        g = self._groups.get(length)
+        if g is not None:
+            g.pop(r.job.id, None)
+
+    def next_deadline(self) -> float | None:
+        best = inf
+        for g in self._groups.values():
+            if g:
+                d = next(iter(g.values())).deadline
+                if d < best:
+                    best = d
+        return None if best == inf else best
+
+    def expire(self, now: float) -> list[_RunningJob]:
+        out: list[_RunningJob] = []
+        for g in self._groups.values():
+            while g:
+                r = next(iter(g.values()))
+                if r.deadline > now:
+                    break
+                g.popitem(last=False)
+                out.append(r)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +281,7 @@ class KernelParts:
     gpu_probe: GpuProbe | None = None   # default: NVML (no cards where there is no GPU)
     services: Sequence[Callable[[Kernel], Coroutine[Any, Any, None]]] = ()
     rng: random.Random = field(default_factory=random.Random)
+    gc_tuning: bool = True   # see GC_GEN0_THRESHOLD; off for a kernel embedded in another app
 
 
 class Kernel:
@@ -245,6 +304,7 @@ class Kernel:
         self.counters = Counters()
         self.api_url: str | None = None
         self._rng = parts.rng
+        self._gc_tuning = parts.gc_tuning
         self._extra_services = list(parts.services)
         self._cron = ScheduleCache()
         self._wheel: TimingWheel[Job | _Tick] = TimingWheel(resolution=0.001,
@@ -261,6 +321,10 @@ class Kernel:
         self._pending: dict[str, tuple[Job, int]] = {}   # in the wheel: id -> (job, handle)
         self._running: dict[str, _RunningJob] = {}
         self._wake = asyncio.Event()
+        self._sleep_until = -inf  # the deadline the timer loop sleeps until; -inf while awake
+        self._deadlines = _Deadlines()
+        self._loggers: dict[str, logging.Logger] = {}
+        self._pump_pending = False
         self._stopped = asyncio.Event()
         self._accepting = False
         self._stopping = False
@@ -272,12 +336,15 @@ class Kernel:
     async def run(self, *, started: asyncio.Event | None = None) -> None:
         """Run until ``stop()``: recover, arm, serve, then shut down in order."""
         await self.store.open()
+        gc_saved: tuple[tuple[int, int, int], bool] | None = None
         try:
             recovered = await self._recover()
             states = await self.store.schedule_states()
             for tc in self.config.tasks:
                 await self._install(tc, states.get(tc.id))
             self._rebuild_dependents()
+            if self._gc_tuning:
+                gc_saved = _tune_gc(len(self._wheel))
             self._accepting = True
             self.bus.publish(KernelStarted(
                 at=self.clock.wall(), data_dir=str(self.config.data_dir()),
@@ -305,6 +372,8 @@ class Kernel:
                     t.cancel()
         finally:
             self._accepting = False
+            if gc_saved is not None:
+                _restore_gc(*gc_saved)
             await self.store.close()
             self._stopped.set()
 
@@ -361,7 +430,12 @@ class Kernel:
         return self._cron.get(tc.schedule, tc.tz or self.config.kernel.timezone)
 
     async def _install(self, tc: TaskConfig, state: ScheduleState | None) -> None:
-        rt = TaskRuntime(cfg=tc, schedule=self._schedule_of(tc))
+        rt = TaskRuntime(
+            cfg=tc, schedule=self._schedule_of(tc),
+            rules=TaskRules(max_instances=tc.max_instances, overlap=tc.overlap,
+                            concurrency_key=tc.concurrency_key),
+            timeout=secs(tc.timeout), grace=secs(tc.misfire_grace) or 0.0,
+            jitter=secs(tc.jitter) or 0.0)
         if state is not None:
             rt.paused = state.paused
             rt.last_scheduled_at = state.last_scheduled_at
@@ -403,21 +477,26 @@ class Kernel:
         if plan.last_considered is not None:
             rt.last_scheduled_at = max(rt.last_scheduled_at or 0.0, plan.last_considered)
 
-    def _arm_next(self, rt: TaskRuntime, after: float) -> None:
-        """Arm the first occurrence strictly after ``after`` (a wall instant)."""
+    def _arm_next(self, rt: TaskRuntime, after: float, wall: float | None = None,
+                  nxt: float | None = None) -> None:
+        """Arm the first occurrence strictly after ``after`` (a wall instant). A caller arming
+        many passes ``wall`` (now) and ``nxt`` (that occurrence, if it computed it already)."""
         self._disarm(rt)
         if rt.schedule is None or rt.paused or not rt.cfg.enabled or self._stopping:
             return
-        nxt = rt.schedule.next_after(after)
+        if nxt is None:
+            nxt = rt.schedule.next_after(after)
         if nxt is None:
             return
-        jitter = secs(rt.cfg.jitter) or 0.0
+        jitter = rt.jitter
         fire_at = nxt + (random.Random(f"{rt.cfg.id}:{nxt}").uniform(0, jitter) if jitter else 0)
         rt.next_due = nxt
-        rt.handle = self._wheel.schedule(self.clock.wall_to_mono(fire_at),
-                                         _Tick(rt.cfg.id, nxt, rt.generation))
-        self._wake.set()
-        self.bus.publish(JobScheduled(at=self.clock.wall(), task_id=rt.cfg.id, due_at=nxt))
+        deadline = self.clock.wall_to_mono(fire_at)
+        rt.handle = self._wheel.schedule(deadline, _Tick(rt.cfg.id, nxt, rt.generation))
+        if deadline < self._sleep_until:
+            self._wake.set()
+        self.bus.publish(JobScheduled(at=self.clock.wall() if wall is None else wall,
+                                      task_id=rt.cfg.id, due_at=nxt))
 
     def _disarm(self, rt: TaskRuntime) -> None:
         if rt.handle is not None:
@@ -426,21 +505,39 @@ class Kernel:
         rt.next_due = None
 
     def _arm_job(self, job: Job) -> None:
-        handle = self._wheel.schedule(self.clock.wall_to_mono(job.due_at), job)
-        self._pending[job.id] = (job, handle)
-        self._wake.set()
+        deadline = self.clock.wall_to_mono(job.due_at)
+        self._pending[job.id] = (job, self._wheel.schedule(deadline, job))
+        if deadline < self._sleep_until:
+            self._wake.set()
 
     # ================================================================ the loop
     async def _timer_loop(self) -> None:
+        clock = self.clock
+        wheel = self._wheel
         while not self._stopping:
-            await self.clock.sleep_until(self._wheel.next_deadline(), self._wake)
+            deadline = wheel.next_deadline()
+            timeout = self._deadlines.next_deadline()
+            if timeout is not None and (deadline is None or timeout < deadline):
+                deadline = timeout
+            self._sleep_until = inf if deadline is None else deadline
+            await clock.sleep_until(deadline, self._wake)
+            self._sleep_until = -inf  # awake: arming needs no wake-up, the loop looks again
             self._wake.clear()
             if self._stopping:
                 break
-            due = self._wheel.advance(self.clock.monotonic())
+            now = clock.monotonic()
+            for r in self._deadlines.expire(now):
+                self._time_out(r)
+            due = wheel.advance(now)
             if due:
                 await self._on_due(due)
             self._pump()
+
+    def _time_out(self, r: _RunningJob) -> None:
+        if self._running.get(r.job.id) is r and r.in_action and not r.task.done():
+            r.timed_out = True
+            r.cancel_reason = "timeout"
+            r.task.cancel()
 
     async def _on_due(self, due: list[Job | _Tick]) -> None:
         now_mono = self.clock.monotonic()
@@ -460,32 +557,41 @@ class Kernel:
                 if self._pending.pop(item.id, None) is None:
                     continue
                 self._offer(item, now_mono)
-        if occurrences:
-            await self._fire_occurrences(occurrences)
-            for rt, at in occurrences:
+        # a herd of occurrences (thousands of tasks on one instant) goes in chunks: the first
+        # runs start after one store round trip, not after the whole herd is durable
+        for i in range(0, len(occurrences), FIRE_CHUNK):
+            chunk = occurrences[i:i + FIRE_CHUNK]
+            await self._fire_occurrences(chunk)
+            self._pump()
+            await asyncio.sleep(0)  # let the runs just started go (a store may not yield)
+            wall = self.clock.wall()
+            for rt, at in chunk:
                 if self._tasks.get(rt.cfg.id) is not rt:
                     continue
                 nxt = rt.schedule.next_after(at) if rt.schedule else None
-                if nxt is not None and nxt < wall - (secs(rt.cfg.misfire_grace) or 0.0):
+                if nxt is not None and nxt < wall - rt.grace:
                     # the loop stalled (suspend, overload): decide the missed ones by policy
                     await self._apply_misfires(rt, at, wall)
                     self._arm_next(rt, max(wall, rt.last_scheduled_at or wall))
                 else:
-                    self._arm_next(rt, at)
+                    self._arm_next(rt, at, wall, nxt)
 
     async def _fire_occurrences(self, occ: Iterable[tuple[TaskRuntime, float]], *,
                                 overlap: bool = True) -> None:
         """Turn occurrences into durable CRON jobs (one batch) and offer them."""
         jobs: list[Job] = []
         wall = self.clock.wall()
+        job_id, trace_id, cron = ids.job_id, ids.trace_id, JobKind.CRON
         for rt, at in occ:
             tc = rt.cfg
             jobs.append(Job(
-                id=ids.job_id(), action=tc.action, payload=dict(tc.payload), task_id=tc.id,
-                kind=JobKind.CRON, due_at=at, scheduled_at=at, priority=tc.priority,
-                timeout=secs(tc.timeout), trace_id=ids.trace_id(), created_at=wall,
-                **_gpu_fields(tc)))
-            rt.last_scheduled_at = max(rt.last_scheduled_at or 0.0, at)
+                id=job_id(), action=tc.action, payload=dict(tc.payload), task_id=tc.id,
+                kind=cron, due_at=at, scheduled_at=at, priority=tc.priority,
+                timeout=rt.timeout, trace_id=trace_id(), created_at=wall,
+                gpu_memory_mb=tc.gpu_memory_mb, gpu=tc.gpu if isinstance(tc.gpu, int) else None))
+            last = rt.last_scheduled_at
+            if last is None or last < at:
+                rt.last_scheduled_at = at
         if not jobs:
             return
         try:
@@ -495,11 +601,14 @@ class Kernel:
             self._store_failed(exc)
             results = [SubmitResult(job=j) for j in jobs]
         now_mono = self.clock.monotonic()
+        offer = self._offer
+        submitted = 0
         for res in results:
             if res.existed:
                 continue
-            self.counters.submitted += 1
-            self._offer(res.job, now_mono, occurrence=overlap)
+            submitted += 1
+            offer(res.job, now_mono, occurrence=overlap)
+        self.counters.submitted += submitted
 
     def _offer(self, job: Job, now_mono: float, *, occurrence: bool = False) -> None:
         decision = self._dispatcher.offer(job, now_mono, occurrence=occurrence,
@@ -530,6 +639,16 @@ class Kernel:
         for job in self._dispatcher.plan(self.clock.monotonic()):
             self._start(job)
 
+    def _pump_soon(self) -> None:
+        """Plan once for all the runs that finish in this turn of the event loop."""
+        if not self._pump_pending:
+            self._pump_pending = True
+            asyncio.get_running_loop().call_soon(self._pump_later)
+
+    def _pump_later(self) -> None:
+        self._pump_pending = False
+        self._pump()
+
     def _start(self, job: Job) -> None:
         assert self._runs is not None
         span = ids.span_id()
@@ -548,8 +667,8 @@ class Kernel:
         if job.timeout is not None:
             return job.timeout
         rt = self._tasks.get(job.task_id) if job.task_id else None
-        if rt is not None and rt.cfg.timeout is not None:
-            return secs(rt.cfg.timeout)
+        if rt is not None and rt.timeout is not None:
+            return rt.timeout
         return self.config.scheduler.timeout_sec
 
     # ================================================================ one run
@@ -569,31 +688,36 @@ class Kernel:
             trace_id=job.trace_id, span_id=span, attempt=job.attempt,
             scheduled_at=job.scheduled_at, lateness=max(0.0, wall - job.due_at),
             recovered=job.recovered))
+        logger = self._loggers.get(job.action)
+        if logger is None:
+            logger = self._loggers[job.action] = logging.getLogger(f"kernel.action.{job.action}")
         ctx = RunContext(
             job_id=job.id, task_id=job.task_id, action=job.action, trace_id=job.trace_id,
             span_id=span, attempt=job.attempt, scheduled_at=job.scheduled_at, timeout=timeout,
-            log=logging.LoggerAdapter(logging.getLogger(f"kernel.action.{job.action}"), {
+            log=logging.LoggerAdapter(logger, {
                 "trace_id": job.trace_id, "task_id": job.task_id, "job_id": job.id,
                 "attempt": job.attempt}),
             parent_span_id=job.parent_span_id, gpu_index=self.gpu.assignment(job.id))
         shutdown = False
+        r = self._running.get(job.id)
         try:
-            result = await self._call_action(job, ctx, timeout)
+            result = await self._call_action(job, ctx, timeout, r)
             res = _Outcome(Outcome.SUCCEEDED, detail=_short(result))
         except asyncio.CancelledError:
-            r = self._running.get(job.id)
             reason = r.cancel_reason if r is not None else "shutdown"
             if reason == "shutdown":
                 shutdown = True
                 res = _Outcome(Outcome.CANCELLED, ErrorCode.ERR_CANCELLED,
                                "cancelled by shutdown; it is run again at the next start")
             else:
+                _uncancel()
                 res = _Outcome(Outcome.CANCELLED, ErrorCode.ERR_CANCELLED, f"cancelled ({reason})")
-        except _Timeout:
-            res = _Outcome(Outcome.TIMED_OUT, ErrorCode.ERR_TIMEOUT,
-                           f"timed out after {timeout:g} s", retryable=True)
         except Exception as exc:  # classified below; an action's bug never stops the kernel
             res = _classify(exc)
+        if r is not None and r.timed_out and not shutdown:
+            # the action's own answer to the cancellation does not matter: it ran out of time
+            res = _Outcome(Outcome.TIMED_OUT, ErrorCode.ERR_TIMEOUT,
+                           f"timed out after {timeout:g} s", retryable=True)
         duration = self.clock.monotonic() - t0
         if shutdown:
             self._running.pop(job.id, None)
@@ -604,28 +728,27 @@ class Kernel:
             return
         await self._complete(job, span, res, wall, duration)
 
-    async def _call_action(self, job: Job, ctx: RunContext,
-                           timeout: float | None) -> Any:
+    async def _call_action(self, job: Job, ctx: RunContext, timeout: float | None,
+                           r: _RunningJob | None) -> Any:
+        """Await the action in this run's own task. A timeout is a deadline the timer loop
+        watches (``_Deadlines``); when it passes, the loop cancels this task while it is inside
+        the action, and ``_run_job`` reports TIMED_OUT."""
         action = self.plugins.action(job.action)
         payload = self.plugins.decode_payload(action, job.payload)
-        inner = asyncio.ensure_future(action.run(ctx, payload))
-        if timeout is None:
-            return await inner
-        done = asyncio.Event()
-        inner.add_done_callback(lambda _f: done.set())
+        aw = action.run(ctx, payload)
+        if r is None:  # not tracked as running (cannot happen via _start): no timeout
+            return await aw
+        if timeout is not None:
+            deadline = self._deadlines.add(r, timeout, self.clock.monotonic())
+            if deadline < self._sleep_until:
+                self._wake.set()
+        r.in_action = True
         try:
-            await self.clock.sleep_until(self.clock.monotonic() + timeout, done)
-        except asyncio.CancelledError:
-            inner.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await inner
-            raise
-        if not inner.done():
-            inner.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await inner
-            raise _Timeout()
-        return inner.result()
+            return await aw
+        finally:
+            r.in_action = False
+            if timeout is not None:
+                self._deadlines.remove(r, timeout)
 
     def _record(self, job: Job, span: str, res: _Outcome, started: float | None) -> RunRecord:
         return RunRecord(
@@ -674,9 +797,6 @@ class Kernel:
             rt.last_error_code = run.error_code
             rt.last_finished_at = run.finished_at
         self._count(res.outcome)
-        ev_cls: type[RunFinished] = {
-            Outcome.SUCCEEDED: RunSucceeded, Outcome.CANCELLED: RunCancelled,
-            Outcome.SKIPPED: RunSkipped}.get(res.outcome, RunFinished)
         if res.outcome is Outcome.FAILED:
             self.bus.publish(RunFailed(at=wall, run=run, duration=duration,
                                        will_retry=retry_at is not None, retry_at=retry_at))
@@ -684,12 +804,13 @@ class Kernel:
             self.bus.publish(RunTimedOut(at=wall, run=run, duration=duration,
                                          will_retry=retry_at is not None, retry_at=retry_at))
         else:
+            ev_cls = _FINISHED_EVENT.get(res.outcome, RunFinished)
             self.bus.publish(ev_cls(at=wall, run=run, duration=duration))
         for j in follow:
             self._arm_job(j)
         for dep in skipped:
             await self._skip_dependent(dep, job)
-        self._pump()
+        self._pump_soon()
 
     def _dependent_jobs(self, upstream: Job, span: str, wall: float) -> list[Job]:
         out: list[Job] = []
@@ -988,10 +1109,7 @@ class Kernel:
     # ================================================================ helpers
     def _task_rules(self, task_id: str) -> TaskRules | None:
         rt = self._tasks.get(task_id)
-        if rt is None:
-            return None
-        return TaskRules(max_instances=rt.cfg.max_instances, overlap=rt.cfg.overlap,
-                         concurrency_key=rt.cfg.concurrency_key)
+        return None if rt is None else rt.rules
 
     def _rebuild_dependents(self) -> None:
         deps: dict[str, list[str]] = {}
@@ -1032,6 +1150,36 @@ class Kernel:
                 await self.store.purge_dedup(now)
             except StoreError as exc:
                 self._store_failed(exc)
+
+
+_FINISHED_EVENT: dict[Outcome, type[RunFinished]] = {
+    Outcome.SUCCEEDED: RunSucceeded, Outcome.CANCELLED: RunCancelled, Outcome.SKIPPED: RunSkipped}
+
+
+def _tune_gc(armed: int) -> tuple[tuple[int, int, int], bool]:
+    """Raise the first GC threshold; after arming a large start-up heap (recovered jobs,
+    thousands of tasks), collect once and freeze it, so that later full collections skip it
+    (its objects are still freed by reference counting when they go). Returns what to undo."""
+    old = gc.get_threshold()
+    frozen = armed >= GC_FREEZE_MIN
+    if frozen:
+        gc.collect()
+        gc.freeze()
+    gc.set_threshold(max(old[0], GC_GEN0_THRESHOLD), old[1], old[2])
+    return old, frozen
+
+
+def _restore_gc(old: tuple[int, int, int], frozen: bool) -> None:
+    gc.set_threshold(*old)
+    if frozen:
+        gc.unfreeze()
+
+
+def _uncancel() -> None:
+    """This task handled a cancellation meant for its action and goes on (to record it)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        task.uncancel()
 
 
 def _gpu_fields(tc: TaskConfig) -> dict[str, Any]:

@@ -68,6 +68,10 @@ class Decision:
     cancel: tuple[str, ...] = ()
 
 
+_ENQUEUED = Decision(Verdict.ENQUEUED)
+_SKIPPED = Decision(Verdict.SKIPPED)
+
+
 @dataclass(slots=True)
 class _Entry:
     key: float
@@ -77,8 +81,10 @@ class _Entry:
     concurrency_key: str | None
     overlap_exempt: bool
 
-    def __lt__(self, other: _Entry) -> bool:
-        return (self.key, self.seq) < (other.key, other.seq)
+
+# the heap holds (key, seq, entry): tuples compare in C, and seq is unique, so the comparison
+# never reaches the entry (a Python-level __lt__ cost a microsecond per comparison)
+_HeapItem = tuple[float, int, _Entry]
 
 
 @dataclass(slots=True)
@@ -98,7 +104,7 @@ class Dispatcher:
         self.limits = limits
         self._rules = rules
         self._gates = list(gates)
-        self._heap: list[_Entry] = []
+        self._heap: list[_HeapItem] = []
         self._seq = itertools.count()
         self._running: dict[str, _Running] = {}
         self._by_task: Counter[str] = Counter()
@@ -123,7 +129,7 @@ class Dispatcher:
         return [jid for jid, r in self._running.items() if r.job.task_id == task_id]
 
     def queued_jobs(self) -> list[Job]:
-        return [e.job for e in sorted(self._heap)]
+        return [e.job for _k, _s, e in sorted(self._heap)]
 
     def held_reason(self, job_id: str) -> str | None:
         return self._held.get(job_id)
@@ -139,36 +145,41 @@ class Dispatcher:
             queued = self._queued_by_task[job.task_id]
             if busy or queued:
                 if rules.overlap is Overlap.SKIP:
-                    return Decision(Verdict.SKIPPED)
+                    return _SKIPPED
                 if rules.overlap is Overlap.BUFFER_ONE and queued >= 1:
-                    return Decision(Verdict.SKIPPED)
+                    return _SKIPPED
                 if rules.overlap is Overlap.CANCEL_OTHER:
                     self._drop_queued(job.task_id)
                     self._push(job, now, key, overlap_exempt=True)
                     return Decision(Verdict.CANCEL_RUNNING, tuple(self.running_of(job.task_id)))
                 if rules.overlap is Overlap.ALLOW_ALL:
                     self._push(job, now, key, overlap_exempt=True)
-                    return Decision(Verdict.ENQUEUED)
+                    return _ENQUEUED
         self._push(job, now, key, overlap_exempt=bool(
             rules is not None and rules.overlap is Overlap.ALLOW_ALL))
-        return Decision(Verdict.ENQUEUED)
+        return _ENQUEUED
 
     def plan(self, now: float, *, scan_limit: int = 10_000) -> list[Job]:
         """Pick the jobs that start now and mark them running. Blocked jobs keep their place."""
         starts: list[Job] = []
-        deferred: list[_Entry] = []
+        deferred: list[_HeapItem] = []
         free = self.limits.max_concurrency - len(self._running)
         scanned = 0
-        while self._heap and free > 0 and scanned < scan_limit:
-            entry = heapq.heappop(self._heap)
+        heap = self._heap
+        held = self._held
+        pop = heapq.heappop
+        while heap and free > 0 and scanned < scan_limit:
+            item = pop(heap)
+            entry = item[2]
             scanned += 1
             why = self._blocked(entry)
-            if why is not None:
-                self._held[entry.job.id] = why
-                deferred.append(entry)
-                continue
-            self._held.pop(entry.job.id, None)
             job = entry.job
+            if why is not None:
+                held[job.id] = why
+                deferred.append(item)
+                continue
+            if held:
+                held.pop(job.id, None)
             if job.task_id:
                 self._queued_by_task[job.task_id] -= 1
                 self._by_task[job.task_id] += 1
@@ -177,8 +188,8 @@ class Dispatcher:
             self._running[job.id] = _Running(job, entry.concurrency_key, now)
             starts.append(job)
             free -= 1
-        for entry in deferred:
-            heapq.heappush(self._heap, entry)
+        for item in deferred:
+            heapq.heappush(heap, item)
         return starts
 
     def finished(self, job: Job) -> None:
@@ -195,7 +206,7 @@ class Dispatcher:
 
     def remove(self, job_id: str) -> Job | None:
         """Take a queued job out (cancelled by a user). Running jobs are not touched."""
-        for i, e in enumerate(self._heap):
+        for i, (_k, _s, e) in enumerate(self._heap):
             if e.job.id == job_id:
                 self._heap[i] = self._heap[-1]
                 self._heap.pop()
@@ -212,13 +223,14 @@ class Dispatcher:
             sort_key = now
         else:
             sort_key = now - job.priority * self.limits.aging
-        heapq.heappush(self._heap, _Entry(sort_key, next(self._seq), job, now, key,
-                                          overlap_exempt))
+        seq = next(self._seq)
+        heapq.heappush(self._heap, (sort_key, seq, _Entry(sort_key, seq, job, now, key,
+                                                          overlap_exempt)))
         if job.task_id:
             self._queued_by_task[job.task_id] += 1
 
     def _drop_queued(self, task_id: str) -> None:
-        keep = [e for e in self._heap if e.job.task_id != task_id]
+        keep = [item for item in self._heap if item[2].job.task_id != task_id]
         if len(keep) != len(self._heap):
             self._heap = keep
             heapq.heapify(self._heap)
