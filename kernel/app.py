@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import functools
 import gc
+import inspect
 import logging
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -77,6 +79,8 @@ log = logging.getLogger("kernel")
 DETAIL_MAX = 2048
 MAINTENANCE_EVERY = 60.0
 BACKFILL_MAX = 10_000
+WALL_CHECK_EVERY = 30.0  # seconds between looks at the wall clock while timers are armed
+WALL_JUMP = 1.0  # a change of wall - monotonic larger than this is a step of the wall clock
 FIRE_CHUNK = 1024  # occurrences made durable and offered per store round trip
 # Garbage collector tuning while the kernel runs (KernelParts.gc_tuning): every run allocates a
 # dozen GC-tracked objects (task, coroutine, context, records), so CPython's default first
@@ -189,6 +193,8 @@ class _Deadlines:
         g = self._groups.get(length)
         if g is not None:
             g.pop(r.job.id, None)
+            if not g:
+                del self._groups[length]
 
     def next_deadline(self) -> float | None:
         best = inf
@@ -201,13 +207,15 @@ class _Deadlines:
 
     def expire(self, now: float) -> list[_RunningJob]:
         out: list[_RunningJob] = []
-        for g in self._groups.values():
+        for length, g in list(self._groups.items()):
             while g:
                 r = next(iter(g.values()))
                 if r.deadline > now:
                     break
                 g.popitem(last=False)
                 out.append(r)
+            if not g:
+                del self._groups[length]
         return out
 
 
@@ -353,7 +361,8 @@ class Kernel:
             async with asyncio.TaskGroup() as services:
                 for sub in self.plugins.subscribers:
                     self.bus.subscribe(sub.handle)
-                    self._service_tasks.append(services.create_task(sub.run()))
+                    self._service_tasks.append(services.create_task(
+                        self._guarded(type(sub).__name__, sub.run())))
                 self._service_tasks.append(services.create_task(self._maintenance()))
                 for svc in self._extra_services:
                     self._service_tasks.append(services.create_task(svc(self)))
@@ -404,10 +413,24 @@ class Kernel:
                 finally:
                     waiter.cancel()
         for r in list(self._running.values()):
-            r.cancel_reason = "shutdown"
+            self._cancel_run(r, "shutdown")
+
+    def _cancel_run(self, r: _RunningJob, reason: str) -> None:
+        """Cancel a run only while it awaits its action; before that, ``_call_action`` sees the
+        reason and does not start the action; after it, the run records its own outcome."""
+        if r.cancel_reason is None:
+            r.cancel_reason = reason
+        if r.in_action and not r.task.done():
             r.task.cancel()
 
     # ================================================================ recovery and arming
+    async def _guarded(self, name: str, work: Awaitable[None]) -> None:
+        """A plugin's background work: its failure is logged, never fatal to the kernel."""
+        try:
+            await work
+        except Exception:
+            log.exception("plugin service %s failed; the kernel carries on without it", name)
+
     async def _recover(self) -> int:
         count = 0
         async for batch in self.store.load_pending():
@@ -417,6 +440,8 @@ class Kernel:
                     job.recovered = True
                     job.state = JobState.PENDING
                     self.counters.recovered += 1
+                if not math.isfinite(job.due_at):  # written by an older, laxer version
+                    job.due_at = self.clock.wall()
                 self._arm_job(job)
                 count += 1
         if count:
@@ -444,8 +469,9 @@ class Kernel:
             rt.generation = old.generation + 1
             rt.last_outcome, rt.last_error_code = old.last_outcome, old.last_error_code
             rt.last_finished_at = old.last_finished_at
-            if rt.last_scheduled_at is None:
-                rt.last_scheduled_at = old.last_scheduled_at
+            if old.last_scheduled_at is not None and (
+                    rt.last_scheduled_at is None or rt.last_scheduled_at < old.last_scheduled_at):
+                rt.last_scheduled_at = old.last_scheduled_at  # the store may lag (a failed write)
         self._tasks[tc.id] = rt
         if not tc.enabled or rt.paused or rt.schedule is None:
             return
@@ -514,11 +540,14 @@ class Kernel:
     async def _timer_loop(self) -> None:
         clock = self.clock
         wheel = self._wheel
+        offset = clock.wall() - clock.monotonic()
         while not self._stopping:
             deadline = wheel.next_deadline()
             timeout = self._deadlines.next_deadline()
             if timeout is not None and (deadline is None or timeout < deadline):
                 deadline = timeout
+            if deadline is not None:  # wall-anchored timers: look at the wall clock now and then
+                deadline = min(deadline, clock.monotonic() + WALL_CHECK_EVERY)
             self._sleep_until = inf if deadline is None else deadline
             await clock.sleep_until(deadline, self._wake)
             self._sleep_until = -inf  # awake: arming needs no wake-up, the loop looks again
@@ -526,12 +555,26 @@ class Kernel:
             if self._stopping:
                 break
             now = clock.monotonic()
+            new_offset = clock.wall() - now
+            if abs(new_offset - offset) > WALL_JUMP:
+                offset = new_offset
+                self._rearm_wall_timers()
             for r in self._deadlines.expire(now):
                 self._time_out(r)
             due = wheel.advance(now)
             if due:
                 await self._on_due(due)
             self._pump()
+
+    def _rearm_wall_timers(self) -> None:
+        """The wall clock stepped (NTP, suspend/resume): re-derive every wall-anchored deadline."""
+        log.warning("the wall clock jumped; re-arming cron occurrences and delayed jobs")
+        for rt in self._tasks.values():
+            if rt.handle is not None and rt.next_due is not None:
+                self._arm_next(rt, rt.next_due - 0.001)
+        for job, handle in list(self._pending.values()):
+            self._wheel.cancel(handle)
+            self._arm_job(job)
 
     def _time_out(self, r: _RunningJob) -> None:
         if self._running.get(r.job.id) is r and r.in_action and not r.task.done():
@@ -543,6 +586,7 @@ class Kernel:
         now_mono = self.clock.monotonic()
         wall = self.clock.wall()
         occurrences: list[tuple[TaskRuntime, float]] = []
+        stale: list[tuple[TaskRuntime, float]] = []
         for item in due:
             if isinstance(item, _Tick):
                 rt = self._tasks.get(item.task_id)
@@ -551,6 +595,9 @@ class Kernel:
                 rt.handle = None
                 if wall + 0.0005 < item.at:  # the wall clock went back: wait for the instant
                     rt.handle = self._wheel.schedule(self.clock.wall_to_mono(item.at), item)
+                    continue
+                if item.at < wall - rt.grace:  # itself missed (stall, wall jump): by policy
+                    stale.append((rt, item.at))
                     continue
                 occurrences.append((rt, item.at))
             else:
@@ -575,6 +622,10 @@ class Kernel:
                     self._arm_next(rt, max(wall, rt.last_scheduled_at or wall))
                 else:
                     self._arm_next(rt, at, wall, nxt)
+        for rt, at in stale:
+            if self._tasks.get(rt.cfg.id) is rt:
+                await self._apply_misfires(rt, at - 0.001, wall)
+                self._arm_next(rt, max(wall, rt.last_scheduled_at or wall))
 
     async def _fire_occurrences(self, occ: Iterable[tuple[TaskRuntime, float]], *,
                                 overlap: bool = True) -> None:
@@ -620,8 +671,10 @@ class Kernel:
             for jid in decision.cancel:
                 r = self._running.get(jid)
                 if r is not None:
-                    r.cancel_reason = "overlap"
-                    r.task.cancel()
+                    self._cancel_run(r, "overlap")
+            for old in decision.dropped:
+                self._spawn(self._finish_unrun(old, Outcome.CANCELLED, ErrorCode.ERR_CANCELLED,
+                                               "superseded by a newer occurrence (cancel_other)"))
 
     def _concurrency_key(self, job: Job) -> str | None:
         """The action's own key for a job (e.g. its model endpoint), if it defines one."""
@@ -742,6 +795,10 @@ class Kernel:
             deadline = self._deadlines.add(r, timeout, self.clock.monotonic())
             if deadline < self._sleep_until:
                 self._wake.set()
+        if r.cancel_reason is not None:  # cancelled before the action started
+            if inspect.iscoroutine(aw):
+                aw.close()
+            raise asyncio.CancelledError
         r.in_action = True
         try:
             return await aw
@@ -908,6 +965,10 @@ class Kernel:
         self.plugins.decode_payload(action, req.payload)
         if req.delay is not None and req.at is not None:
             raise BadPayload("give either 'delay' or 'at', not both")
+        for name in ("delay", "at", "timeout"):
+            value = getattr(req, name)
+            if value is not None and not math.isfinite(value):
+                raise BadPayload(f"{name}: must be a finite number")
         if req.delay is not None and req.delay < 0:
             raise BadPayload("delay: must be 0 or more seconds")
         if req.timeout is not None and req.timeout <= 0:
@@ -954,8 +1015,7 @@ class Kernel:
             return job
         r = self._running.get(job_id)
         if r is not None:
-            r.cancel_reason = "request"
-            r.task.cancel()
+            self._cancel_run(r, "request")
             return r.job
         stored = await self.store.get_job(job_id)
         if stored is not None:  # stored but not armed here (should not happen): remove it
@@ -1037,10 +1097,25 @@ class Kernel:
         Runs in flight finish under the definition they started with."""
         old = {t.id: t for t in self.config.tasks}
         fresh = {t.id: t for t in new.tasks}
+        old_tz, new_tz = self.config.kernel.timezone, new.kernel.timezone
+
+        def timetable(t: TaskConfig, tz: str) -> tuple[Any, ...]:
+            return (t.schedule, t.tz or tz, t.enabled)
+
         added = sorted(set(fresh) - set(old))
         removed = sorted(set(old) - set(fresh))
-        changed = sorted(k for k in set(old) & set(fresh) if old[k] != fresh[k])
+        changed = sorted(k for k in set(old) & set(fresh)
+                         if old[k] != fresh[k] or timetable(old[k], old_tz) != timetable(fresh[k], new_tz))
         states = await self.store.schedule_states()
+        now = self.clock.wall()
+        for tid in changed:
+            if timetable(old[tid], old_tz) != timetable(fresh[tid], new_tz):
+                # a new timetable starts now: its instants before the reload were never due
+                st = states.get(tid)
+                states[tid] = ScheduleState(
+                    task_id=tid, paused=st.paused if st else False,
+                    last_scheduled_at=max(now, (st.last_scheduled_at if st else None) or now))
+        self.config.kernel.timezone = new_tz
         for tid in removed:
             rt = self._tasks.pop(tid, None)
             if rt is not None:
@@ -1052,6 +1127,7 @@ class Kernel:
                 self._disarm(rt)
             await self._install(fresh[tid], states.get(tid))
         self._rebuild_dependents()
+        self._pump()
         ev = ConfigReloaded(at=self.clock.wall(), source=source, added=added, removed=removed,
                             changed=changed)
         self.bus.publish(ev)

@@ -135,6 +135,16 @@ class FakeClock:
             if self._mono >= target:
                 break
 
+    async def jump(self, seconds: float) -> None:
+        """Move both times forward at once, as a stalled loop (or a suspended machine) sees it:
+        sleepers wake only after the whole jump (trio's ``MockClock.jump``)."""
+        if seconds < 0:
+            raise ValueError("a clock cannot go back")
+        self._mono += seconds
+        self._wall += seconds
+        self._wake_due()
+        await settle()
+
     def set_wall(self, wall: float) -> None:
         """Jump wall time without moving monotonic time (an NTP step, or a restart later)."""
         self._wall = wall

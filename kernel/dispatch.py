@@ -66,6 +66,7 @@ class Verdict(enum.Enum):
 class Decision:
     verdict: Verdict
     cancel: tuple[str, ...] = ()
+    dropped: tuple[Job, ...] = ()   # queued jobs superseded by cancel_other (to be recorded)
 
 
 _ENQUEUED = Decision(Verdict.ENQUEUED)
@@ -149,9 +150,10 @@ class Dispatcher:
                 if rules.overlap is Overlap.BUFFER_ONE and queued >= 1:
                     return _SKIPPED
                 if rules.overlap is Overlap.CANCEL_OTHER:
-                    self._drop_queued(job.task_id)
+                    dropped = self._drop_queued(job.task_id)
                     self._push(job, now, key, overlap_exempt=True)
-                    return Decision(Verdict.CANCEL_RUNNING, tuple(self.running_of(job.task_id)))
+                    return Decision(Verdict.CANCEL_RUNNING, tuple(self.running_of(job.task_id)),
+                                    dropped)
                 if rules.overlap is Overlap.ALLOW_ALL:
                     self._push(job, now, key, overlap_exempt=True)
                     return _ENQUEUED
@@ -229,12 +231,17 @@ class Dispatcher:
         if job.task_id:
             self._queued_by_task[job.task_id] += 1
 
-    def _drop_queued(self, task_id: str) -> None:
+    def _drop_queued(self, task_id: str) -> tuple[Job, ...]:
         keep = [item for item in self._heap if item[2].job.task_id != task_id]
-        if len(keep) != len(self._heap):
-            self._heap = keep
-            heapq.heapify(self._heap)
-            self._queued_by_task[task_id] = 0
+        if len(keep) == len(self._heap):
+            return ()
+        dropped = tuple(item[2].job for item in self._heap if item[2].job.task_id == task_id)
+        self._heap = keep
+        heapq.heapify(self._heap)
+        self._queued_by_task[task_id] = 0
+        for j in dropped:
+            self._held.pop(j.id, None)
+        return dropped
 
     def _blocked(self, entry: _Entry) -> str | None:
         job = entry.job

@@ -94,9 +94,12 @@ class Harness:
     async def stop(self) -> None:
         self.kernel.stop("test")
         assert self.task is not None
-        while not self.task.done():
+        for _ in range(10_000):  # fake seconds: a kernel that never stops fails the test
+            if self.task.done():
+                break
             await self.clock.advance(1.0)
             await asyncio.sleep(0)
+        assert self.task.done(), "the kernel did not stop"
         await self.task
 
     async def advance(self, seconds: float, step: float | None = None) -> None:
