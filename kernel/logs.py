@@ -117,6 +117,8 @@ class EventLogger:
 
     def __call__(self, ev: Event) -> None:
         if isinstance(ev, RunStarted):
+            if not self.log.isEnabledFor(logging.DEBUG):  # the hot path: build nothing
+                return
             self.log.debug("run started: %s", ev.task_id or ev.action, extra={
                 "trace_id": ev.trace_id, "span_id": ev.span_id, "task_id": ev.task_id,
                 "job_id": ev.job_id, "attempt": ev.attempt, "action": ev.action,
@@ -124,6 +126,8 @@ class EventLogger:
         elif isinstance(ev, RunFinished):
             r = ev.run
             level = logging.INFO if r.outcome.value in ("succeeded", "skipped") else logging.WARNING
+            if not self.log.isEnabledFor(level):
+                return
             text = f"run {r.outcome.value}: {r.task_id or r.action}"
             if r.error_code:
                 text += f" [{r.error_code}] {r.detail[:300]}"

@@ -38,11 +38,14 @@ class JobKind(enum.StrEnum):
     BACKFILL = "backfill"    # a past occurrence run on request (POST /tasks/{id}/backfill)
 
 
-class Job(msgspec.Struct, kw_only=True):
+class Job(msgspec.Struct, kw_only=True, gc=False):
     """One unit of work: an ad-hoc submission, a cron occurrence, a retry or a dependent run.
 
     A cron occurrence has ``task_id`` and ``scheduled_at`` set; the pair is unique in the store,
     which is how no occurrence is run twice after a restart.
+
+    ``gc=False``: a million pending jobs are not walked by every garbage collection. A job holds
+    only JSON-like values (its payload), which cannot form reference cycles back to it.
     """
 
     id: str
@@ -67,7 +70,7 @@ class Job(msgspec.Struct, kw_only=True):
     gpu: int | None = None            # a GPU index, or None for any
 
 
-class RunRecord(msgspec.Struct, kw_only=True, frozen=True):
+class RunRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     """One finished attempt of a job, as kept in run history."""
 
     job_id: str
