@@ -79,6 +79,7 @@ log = logging.getLogger("kernel")
 DETAIL_MAX = 2048
 MAINTENANCE_EVERY = 60.0
 BACKFILL_MAX = 10_000
+_KEEP_EMPTY_GROUPS = 64  # empty timeout groups kept for reuse (a run per group costs a dict)
 WALL_CHECK_EVERY = 30.0  # seconds between looks at the wall clock while timers are armed
 WALL_JUMP = 1.0  # a change of wall - monotonic larger than this is a step of the wall clock
 FIRE_CHUNK = 1024  # occurrences made durable and offered per store round trip
@@ -193,7 +194,7 @@ class _Deadlines:
         g = self._groups.get(length)
         if g is not None:
             g.pop(r.job.id, None)
-            if not g:
+            if not g and len(self._groups) > _KEEP_EMPTY_GROUPS:
                 del self._groups[length]
 
     def next_deadline(self) -> float | None:
@@ -214,7 +215,7 @@ class _Deadlines:
                     break
                 g.popitem(last=False)
                 out.append(r)
-            if not g:
+            if not g and len(self._groups) > _KEEP_EMPTY_GROUPS:
                 del self._groups[length]
         return out
 
