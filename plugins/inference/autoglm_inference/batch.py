@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kernel.errors import ActionError, ErrorCode
-
-from ._files import atomic_write
+from kernel.files import atomic_write
 
 ITEM_ERRORS = frozenset({ErrorCode.ERR_CONTEXT_TOO_LONG, ErrorCode.ERR_BAD_PAYLOAD})
 CARRIED = ("source", "chunk")  # input fields copied into each answer

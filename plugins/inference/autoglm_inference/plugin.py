@@ -17,10 +17,10 @@ import aiohttp
 import msgspec
 
 from kernel.errors import ActionError, ErrorCode
+from kernel.files import atomic_write
 from kernel.hookspecs import Action, PluginContext, RunContext, hookimpl
 
 from . import batch as batch_mod
-from ._files import atomic_write
 from .client import ChatResult, Endpoint, OpenAIClient, make_session
 from .settings import (
     BatchPayload,

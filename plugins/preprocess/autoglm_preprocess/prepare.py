@@ -22,8 +22,8 @@ from pathlib import Path
 import msgspec
 
 from kernel.errors import ActionError, ErrorCode
+from kernel.files import atomic_write
 
-from ._files import atomic_write
 from .readers import Document, ReadStats, format_of, read_csv, read_jsonl, read_text
 from .settings import PreparePayload, Settings
 from .text import chunk, content_hash, normalise

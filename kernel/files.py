@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file beside the target, fsync, then ``os.replace``.
+"""Atomic file writes for actions and plugins: a temporary file beside the target, fsync, then
+``os.replace``.
 
 A reader sees the old file or the new one, never half of one, even if the process dies.
 """
