@@ -354,7 +354,7 @@ class Kernel:
             self._rebuild_dependents()
             if self._gc_tuning:
                 gc_saved = _tune_gc(len(self._wheel))
-            self._accepting = True
+            self._accepting = not self._stopping  # stop() may come during start-up
             self.bus.publish(KernelStarted(
                 at=self.clock.wall(), data_dir=str(self.config.data_dir()),
                 store=self._store_name(), api_url=self.api_url, tasks=len(self._tasks),
