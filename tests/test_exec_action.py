@@ -96,16 +96,17 @@ async def test_exec_missing_program_is_a_clear_failure() -> None:
 
 
 CHILD = r"""
-import os, signal, sys, time
+import os, signal, sys
 signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a child that ignores SIGTERM
 pid = os.fork()
 if pid == 0:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    time.sleep(600)
-    os._exit(0)
+    while True:
+        signal.pause()  # wait for a signal; only SIGKILL can end it
 with open(sys.argv[1], "w") as f:
     f.write(f"{os.getpid()} {pid}")
-time.sleep(600)
+while True:
+    signal.pause()
 """
 
 
