@@ -14,17 +14,36 @@ counted under ``task="other"`` (and ``autoglm_kernel_task_label_overflow_total``
 flood of generated task ids cannot blow up the series count. ``error_code`` values come from the
 closed ``ErrorCode`` catalogue. GPU memory (``snapshot.gpus``, in MiB) is exported in bytes.
 
+Dead-man's switch (the Prometheus guidance for batch jobs): ``task_last_success_timestamp_seconds``
+is set from ``RunSucceeded`` events, and ``task_interval_seconds`` (read from the snapshot at
+scrape time) is the longest gap between a scheduled task's next few occurrences, exported only
+for enabled, unpaused tasks with a schedule. The rule ``KernelTaskNotSucceeding`` in
+``scripts/prometheus/alert_rules.yml`` compares the two.
+
+The registry also carries ``autoglm_kernel_build_info{version,python}`` and the standard
+``process_*`` series (CPU, memory, file descriptors, start time; Linux ``/proc``). ``_created``
+series are left out of the exposition: they double the series count of every counter and
+histogram and no rule reads them. They are filtered per registry at render time rather than
+with ``prometheus_client.disable_created_metrics()``, a process-wide switch that would also
+change the registries of a program that embeds the kernel.
+
 Observers know nothing of the dispatcher: this module reads events and a snapshot, nothing else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import platform
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
+from . import __version__
+from .errors import KernelError
 from .events import (
     ConfigReloaded,
     Event,
@@ -40,6 +59,7 @@ from .events import (
     RunTimedOut,
     StoreFailed,
 )
+from .triggers import parse_schedule
 
 __all__ = [
     "COMMIT_BUCKETS",
@@ -51,12 +71,16 @@ __all__ = [
     "GpuLike",
     "KernelMetrics",
     "SnapshotLike",
+    "TaskLike",
+    "schedule_interval",
 ]
 
 NAMESPACE = "autoglm_kernel"
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 OVERFLOW_TASK = "other"
 MIB = 1024 * 1024
+INTERVAL_PROBES = 8          # occurrences looked at to find a schedule's longest gap
+INTERVAL_CACHE_LIMIT = 4096  # distinct (schedule, zone) pairs remembered
 
 # fire lateness: 1 ms .. 60 s
 LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -84,6 +108,21 @@ class GpuLike(Protocol):
     def utilization_pct(self) -> int | None: ...
 
 
+class TaskLike(Protocol):
+    """One task of a snapshot (``kernel.app.TaskView``), as far as the gauges read it."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def schedule(self) -> str | None: ...
+    @property
+    def tz(self) -> str: ...
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def paused(self) -> bool: ...
+
+
 class SnapshotLike(Protocol):
     """What the scrape-time gauges read (``kernel.app.Snapshot`` satisfies it)."""
 
@@ -100,9 +139,43 @@ class SnapshotLike(Protocol):
     @property
     def running(self) -> Sequence[object]: ...
     @property
-    def tasks(self) -> Sequence[object]: ...
+    def tasks(self) -> Sequence[TaskLike]: ...
     @property
     def gpus(self) -> Sequence[GpuLike]: ...
+    @property
+    def at(self) -> float: ...
+
+
+def schedule_interval(expr: str, tz: str, after: float) -> float | None:
+    """The longest gap between the next ``INTERVAL_PROBES`` occurrences of ``expr`` after
+    ``after`` (seconds): ``@every 90s`` gives 90, ``0 9 * * 1-5`` gives 3 days (Friday to
+    Monday). None when the schedule does not parse or fires fewer than twice more."""
+    try:
+        sched = parse_schedule(expr, tz)
+        instants: list[float] = []
+        t: float | None = after
+        while t is not None and len(instants) < INTERVAL_PROBES:
+            t = sched.next_after(t)
+            if t is not None:
+                instants.append(t)
+    except (KernelError, ValueError):
+        return None
+    gaps = [b - a for a, b in itertools.pairwise(instants)]
+    return max(gaps) if gaps else None
+
+
+class _WithoutCreated(Collector):
+    """A view of a registry whose counters and histograms have no ``_created`` samples."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._registry.collect():  # fresh Metric objects on every collect
+            created = metric.name + "_created"
+            if any(x.name == created for x in metric.samples):
+                metric.samples = [x for x in metric.samples if x.name != created]
+            yield metric
 
 
 class KernelMetrics:
@@ -162,6 +235,15 @@ class KernelMetrics:
         self.start_time = Gauge("start_time_seconds",
                                 "Wall instant the kernel started (Unix seconds)",
                                 namespace=ns, registry=r)
+        self.last_success = Gauge(
+            "task_last_success_timestamp_seconds",
+            "Wall instant the task's last successful run finished (Unix seconds)",
+            ["task"], namespace=ns, registry=r)
+        self._last_success: dict[str, float] = {}
+        self.build_info = Info("build", "Version of the kernel and of Python",
+                               namespace=ns, registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        self.process = ProcessCollector(registry=r)  # process_* (the standard names)
 
         # scrape-time gauges, filled from a Snapshot by render()
         self.queue_depth = Gauge("queue_depth", "Jobs waiting in the ready queue",
@@ -176,6 +258,12 @@ class KernelMetrics:
         self.pending_jobs = Gauge("pending_jobs", "Jobs waiting for their due instant",
                                   namespace=ns, registry=r)
         self.tasks = Gauge("tasks", "Configured tasks", namespace=ns, registry=r)
+        self.task_interval = Gauge(
+            "task_interval_seconds",
+            "Longest gap between a scheduled task's next occurrences (enabled, unpaused "
+            "tasks with a schedule only)", ["task"], namespace=ns, registry=r)
+        self._intervals: dict[tuple[str, str], float | None] = {}
+        self._interval_labels: set[str] = set()
 
         gpu = ["gpu"]
         self.gpu_reserved = Gauge("gpu_memory_reserved_bytes",
@@ -201,6 +289,16 @@ class KernelMetrics:
             return task_id
         self.label_overflow.inc()
         return OVERFLOW_TASK
+
+    def _scrape_label(self, task_id: str) -> str | None:
+        """The label of a configured task at scrape time; None past the cap (an aggregate
+        ``other`` series has no interval). Counts nothing as overflow."""
+        if task_id in self._tasks_seen:
+            return task_id
+        if len(self._tasks_seen) < self.max_task_labels:
+            self._tasks_seen.add(task_id)
+            return task_id
+        return None
 
     # ------------------------------------------------------------------ events
     def __call__(self, event: Event) -> None:
@@ -236,6 +334,11 @@ class KernelMetrics:
         task = self.task_label(run.task_id)
         if isinstance(event, RunSucceeded):
             self.runs_succeeded.labels(task).inc()
+            if task and task != OVERFLOW_TASK:
+                at = run.finished_at
+                if at > self._last_success.get(task, float("-inf")):
+                    self._last_success[task] = at
+                    self.last_success.labels(task).set(at)
         elif isinstance(event, RunFailed):
             self.runs_failed.labels(task, run.error_code or "").inc()
             if event.will_retry:
@@ -276,13 +379,34 @@ class KernelMetrics:
         self.timers.set(snapshot.timers)
         self.pending_jobs.set(snapshot.pending_jobs)
         self.tasks.set(len(snapshot.tasks))
+        self._update_intervals(snapshot)
         for g in snapshot.gpus:
             self.set_gpu(g.index, g.reserved_mb, g.free_mb, g.total_mb)
             if g.utilization_pct is not None:
                 self.gpu_utilization.labels(str(g.index)).set(g.utilization_pct / 100.0)
 
+    def _update_intervals(self, snapshot: SnapshotLike) -> None:
+        labels: set[str] = set()
+        for t in snapshot.tasks:
+            if t.schedule is None or t.paused or not t.enabled:
+                continue
+            key = (t.schedule, t.tz)
+            if key in self._intervals:
+                interval = self._intervals[key]
+            else:
+                if len(self._intervals) >= INTERVAL_CACHE_LIMIT:
+                    self._intervals.clear()
+                interval = self._intervals[key] = schedule_interval(*key, snapshot.at)
+            label = self._scrape_label(t.id) if interval is not None else None
+            if label is not None and interval is not None:
+                self.task_interval.labels(label).set(interval)
+                labels.add(label)
+        for gone in self._interval_labels - labels:
+            self.task_interval.remove(gone)
+        self._interval_labels = labels
+
     def render(self, snapshot: SnapshotLike | None = None) -> tuple[bytes, str]:
         """The exposition body and its content type (for ``GET /metrics``)."""
         if snapshot is not None:
             self.update_snapshot(snapshot)
-        return generate_latest(self.registry), CONTENT_TYPE
+        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE

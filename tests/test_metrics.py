@@ -6,6 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import msgspec
 import prometheus_client
 import pytest
 import yaml
@@ -299,3 +300,82 @@ def test_prometheus_example_scrapes_the_default_api_address() -> None:
     assert cfg["rule_files"] == ["alert_rules.yml"]
     assert cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
         "localhost:9093"]
+
+
+# ============================================================================ dead-man's switch
+def task_view(tid: str, schedule: str | None, *, tz: str = "UTC", enabled: bool = True,
+              paused: bool = False) -> TaskView:
+    return TaskView(id=tid, action="log", schedule=schedule, tz=tz, enabled=enabled,
+                    paused=paused, next_due=None, last_outcome=None, last_error_code=None,
+                    last_finished_at=None, after=(), running=0)
+
+
+def test_last_success_timestamp_per_task_comes_from_succeeded_runs() -> None:
+    m = KernelMetrics(max_task_labels=2)
+    m(RunSucceeded(at=T0, run=run(Outcome.SUCCEEDED, task="a"), duration=1.0))
+    ok_later = msgspec.structs.replace(run(Outcome.SUCCEEDED, task="a"), finished_at=T0 + 60)
+    m(RunSucceeded(at=T0 + 60, run=ok_later, duration=1.0))
+    # a failure, a timeout or a skip is not a success: the timestamp stays
+    m(RunFailed(at=T0 + 90, run=run(Outcome.FAILED, task="a", code="ERR_EXEC_FAILED"),
+                duration=0.1))
+    m(RunTimedOut(at=T0 + 90, run=run(Outcome.TIMED_OUT, task="b", code="ERR_TIMEOUT"),
+                  duration=0.1))
+    m(RunSucceeded(at=T0, run=run(Outcome.SUCCEEDED, task=None), duration=1.0))  # ad hoc
+    s = scrape(m)
+    assert val(s, "task_last_success_timestamp_seconds", task="a") == T0 + 60
+    assert val(s, "task_last_success_timestamp_seconds", task="b") is None
+    assert val(s, "task_last_success_timestamp_seconds", task="") is None
+    # an older success reported late never moves the timestamp back
+    m(RunSucceeded(at=T0 + 99, run=run(Outcome.SUCCEEDED, task="a"), duration=1.0))
+    assert val(scrape(m), "task_last_success_timestamp_seconds", task="a") == T0 + 60
+
+
+def test_interval_gauge_for_each_task_that_runs_on_a_schedule() -> None:
+    m = KernelMetrics()
+    tasks = (
+        task_view("every", "@every 90s"),
+        task_view("nightly", "30 2 * * *", tz="Europe/Berlin"),
+        task_view("weekdays", "0 9 * * 1-5"),   # Friday to Monday: 72 h is its longest gap
+        task_view("hourly", "@hourly"),
+        task_view("after", None),               # runs after another task: no interval
+        task_view("paused", "@every 5s", paused=True),
+        task_view("off", "@every 5s", enabled=False),
+    )
+    snap = dataclasses.replace(snapshot(), tasks=tasks)
+    s = scrape(m, snap)
+    assert val(s, "task_interval_seconds", task="every") == 90
+    assert val(s, "task_interval_seconds", task="nightly") == 86400
+    assert val(s, "task_interval_seconds", task="weekdays") == 3 * 86400
+    assert val(s, "task_interval_seconds", task="hourly") == 3600
+    for quiet in ("after", "paused", "off"):  # nothing is expected of them: never alert
+        assert val(s, "task_interval_seconds", task=quiet) is None
+    # a task paused or removed later loses its series (a reload, the API's pause)
+    snap = dataclasses.replace(snapshot(), tasks=(task_view("every", "@every 90s", paused=True),
+                                                  task_view("hourly", "@hourly")))
+    s = scrape(m, snap)
+    assert val(s, "task_interval_seconds", task="every") is None
+    assert val(s, "task_interval_seconds", task="nightly") is None
+    assert val(s, "task_interval_seconds", task="hourly") == 3600
+
+
+def test_no_created_series_but_build_info_and_process_metrics() -> None:
+    import platform
+
+    import kernel
+
+    m = KernelMetrics()
+    m(RunSucceeded(at=T0, run=run(Outcome.SUCCEEDED), duration=1.5))
+    m(started("t1", 0.1))
+    body = m.render(snapshot())[0].decode()
+    assert "_created" not in body
+    s = scrape(m)
+    assert val(s, "build_info", version=kernel.__version__,
+               python=platform.python_version()) == 1
+    if Path("/proc/self/stat").exists():   # the process collector reads /proc (Linux)
+        assert (s.get(("process_resident_memory_bytes", frozenset())) or 0) > 0
+        assert ("process_cpu_seconds_total", frozenset()) in s
+        assert ("process_start_time_seconds", frozenset()) in s
+    # still nothing on the process-global registry, and other registries keep _created
+    other = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter("other_things", "x", registry=other).inc()
+    assert "other_things_created" in prometheus_client.generate_latest(other).decode()
