@@ -49,6 +49,11 @@ JAN1 = ts(2026, 1, 1)  # a Thursday
         ("0 12 * * FRI-MON", ["2026-01-02 12:00:00", "2026-01-03 12:00:00", "2026-01-04 12:00:00",
                               "2026-01-05 12:00:00", "2026-01-09 12:00:00"]),
         ("0 23-1 1 * *", ["2026-01-01 01:00:00", "2026-01-01 23:00:00", "2026-02-01 00:00:00"]),
+        # cyclic fields wrap (Quartz): minute 50-10, month NOV-FEB; the step runs on over the wrap
+        ("50-10/10 0 * * *", ["2026-01-01 00:10:00", "2026-01-01 00:50:00",
+                              "2026-01-02 00:00:00"]),
+        ("0 0 1 NOV-FEB *", ["2026-02-01 00:00:00", "2026-11-01 00:00:00",
+                             "2026-12-01 00:00:00", "2027-01-01 00:00:00"]),
         ("0 0 29 2 *", ["2028-02-29 00:00:00", "2032-02-29 00:00:00"]),
         # 6 fields, seconds first (Quartz / Spring)
         ("0 0 1 * * ?", ["2026-01-01 01:00:00", "2026-01-02 01:00:00"]),
@@ -195,6 +200,12 @@ def test_preview_of_a_finite_schedule_stops_short() -> None:
         ("0 0 31 APR,JUN,SEP,NOV ?", "day-of-month",
          "never occurs in April, June, September, November", "1-31"),
         ("0 0 0 29 2 ? 2027", "year", "can never fire: no date in '2027' matches", "1970-2099"),
+        # years do not wrap: a reversed year range is refused (APScheduler, Quartz, cronie)
+        ("0 0 0 1 1 ? 2009-2008", "year", "range '2009-2008' is reversed: years do not wrap",
+         "1970-2099"),
+        ("0 0 0 1 1 ? 2030-2026/2", "year", "range '2030-2026' is reversed", "1970-2099"),
+        ("0 0 0 1 1 ? 2020,2099-1970", "year", "write the earlier year first: '1970-2099'",
+         "1970-2099"),
         # shape
         ("* * * *", "expression", "has 4 fields", "5 fields (minute hour"),
         ("0 0 0 0 * * * *", "expression", "has 8 fields", "6 with seconds first"),
@@ -283,7 +294,7 @@ def test_schedules_satisfy_the_protocol_and_keep_the_text() -> None:
         sched: Schedule = parse_schedule(expr, "Asia/Tokyo")
         assert sched.expr == expr and sched.tz == "Asia/Tokyo"
     assert repr(parse_schedule("30 2 * * *")) == "CronSchedule('30 2 * * *', tz='UTC', fixed-time)"
-    assert repr(parse_schedule("@hourly")) == "CronSchedule('@hourly', tz='UTC', wildcard-hour)"
+    assert repr(parse_schedule("@hourly")) == "CronSchedule('@hourly', tz='UTC', wildcard)"
 
 
 # --- cross-check against croniter --------------------------------------------------------------

@@ -23,7 +23,7 @@ from croniter import croniter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel.cron import parse_schedule
+from kernel.cron import CronSchedule, parse_schedule
 from kernel.triggers._fields import DOW, HOUR, MINUTE, parse_field
 from kernel.triggers._zone import Zone
 
@@ -90,7 +90,7 @@ def test_croniter_runs_a_fixed_time_job_twice_on_berlin_fall_back_and_we_run_it_
          ["2026-04-05T01:45:00+11:00", "2026-04-06T01:45:00+10:30"]),
         ("30 2 * * *", "Australia/Sydney", "2026-04-04T12:00",
          ["2026-04-05T02:30:00+11:00", "2026-04-06T02:30:00+10:00"]),
-        ("*/20 2 * * *", "Europe/Berlin", "2026-10-25T00:00",
+        ("0,20,40 2 * * *", "Europe/Berlin", "2026-10-25T00:00",
          ["2026-10-25T02:00:00+02:00", "2026-10-25T02:20:00+02:00", "2026-10-25T02:40:00+02:00",
           "2026-10-26T02:00:00+01:00"]),
         # fixed-time, spring forward: once, at the end of the gap
@@ -106,7 +106,7 @@ def test_croniter_runs_a_fixed_time_job_twice_on_berlin_fall_back_and_we_run_it_
          ["2026-03-08T03:00:00-04:00", "2026-03-09T02:00:00-04:00", "2026-03-09T02:30:00-04:00"]),
         ("0 2,3 * * *", "Europe/Berlin", "2026-03-28T12:00",
          ["2026-03-29T03:00:00+02:00", "2026-03-30T02:00:00+02:00", "2026-03-30T03:00:00+02:00"]),
-        # wildcard-hour, fall back: every wall occurrence, in both passes
+        # wildcard (minute or hour written with *), fall back: every wall occurrence, both passes
         ("30 * * * *", "Europe/Berlin", "2026-10-25T01:00",
          ["2026-10-25T01:30:00+02:00", "2026-10-25T02:30:00+02:00", "2026-10-25T02:30:00+01:00",
           "2026-10-25T03:30:00+01:00"]),
@@ -118,7 +118,7 @@ def test_croniter_runs_a_fixed_time_job_twice_on_berlin_fall_back_and_we_run_it_
         ("30 * * * *", "Australia/Sydney", "2026-04-05T01:00",
          ["2026-04-05T01:30:00+11:00", "2026-04-05T02:30:00+11:00", "2026-04-05T02:30:00+10:00",
           "2026-04-05T03:30:00+10:00"]),
-        # wildcard-hour, spring forward: the missing wall times are skipped, nothing extra
+        # wildcard, spring forward: the missing wall times are skipped, nothing extra
         ("30 * * * *", "Europe/Berlin", "2026-03-29T01:00",
          ["2026-03-29T01:30:00+01:00", "2026-03-29T03:30:00+02:00"]),
         ("*/15 * * * *", "Europe/Berlin", "2026-03-29T01:30",
@@ -189,7 +189,7 @@ def test_quarter_hours_follow_real_elapsed_time_across_transitions(tz: str) -> N
 def reference(expr: str, tz: str, after: float, until: int) -> list[int]:
     """Fires in (after, until] for 5-field expressions with ``*`` day-of-month and month.
 
-    wildcard-hour: every UTC minute whose wall time matches. fixed-time: a matching wall time
+    wildcard: every UTC minute whose wall time matches. fixed-time: a matching wall time
     only on its first occurrence (fold 0), plus the instant a gap ends when any skipped wall
     time matches.
     """
@@ -198,7 +198,7 @@ def reference(expr: str, tz: str, after: float, until: int) -> list[int]:
     mmask = parse_field(MINUTE, mi).mask
     hmask = parse_field(HOUR, hr).mask
     dmask = parse_field(DOW, dow).mask
-    fixed = not hr.startswith("*")
+    fixed = not (mi.startswith("*") or hr.startswith("*"))  # cronie's MIN_STAR / HR_STAR
     info = ZoneInfo(tz)
 
     def matches(d: datetime) -> bool:
@@ -305,3 +305,100 @@ def test_zone_segments_agree_with_zoneinfo(tz: str, s: int) -> None:
     assert offset(s) == offset(start) == offset(end - 1) == off
     assert offset(start - 1) == prev or prev == off
     assert zone.offset_at(s) == off
+
+
+# --- asked for in the last second before a transition (issue 11, item 8a) -----------------------
+
+@pytest.mark.parametrize(
+    ("expr", "tz", "after", "expected"),
+    [
+        # the gap run at the end of the gap is found from the last second before the gap
+        ("30 2 * * *", "Europe/Berlin", "2026-03-29T01:59:59+01:00",
+         ["2026-03-29T03:00:00+02:00", "2026-03-30T02:30:00+02:00"]),
+        ("30 2 * * *", "Europe/Berlin", "2026-03-29T01:59:59.5+01:00",
+         ["2026-03-29T03:00:00+02:00", "2026-03-30T02:30:00+02:00"]),
+        ("0 0 * * *", "America/Santiago", "2026-09-05T23:59:59-04:00",
+         ["2026-09-06T01:00:00-03:00", "2026-09-07T00:00:00-03:00"]),
+        ("30 2 * * *", "America/New_York", "2026-03-08T01:59:59-05:00",
+         ["2026-03-08T03:00:00-04:00", "2026-03-09T02:30:00-04:00"]),
+        ("15 2 * * *", "Australia/Lord_Howe", "2026-10-04T01:59:59+10:30",
+         ["2026-10-04T02:30:00+11:00", "2026-10-05T02:15:00+11:00"]),
+        ("0 2 * * 0", "Europe/Berlin", "2026-03-29T01:59:59+01:00",  # 2026-03-29 is a Sunday
+         ["2026-03-29T03:00:00+02:00", "2026-04-05T02:00:00+02:00"]),
+        ("0 2 * * 1", "Europe/Berlin", "2026-03-29T01:59:59+01:00",  # not on a Monday
+         ["2026-03-30T02:00:00+02:00"]),
+        ("0 30 2 * * *", "Europe/Berlin", "2026-03-29T01:59:59+01:00",
+         ["2026-03-29T03:00:00+02:00", "2026-03-30T02:30:00+02:00"]),
+        ("15 30 2 * * *", "Europe/Berlin", "2026-03-29T01:59:59+01:00",
+         ["2026-03-29T03:00:00+02:00", "2026-03-30T02:30:15+02:00"]),
+        ("0 30 2 29 3 ? 2026", "Europe/Berlin", "2026-03-29T01:59:59+01:00",
+         ["2026-03-29T03:00:00+02:00"]),
+        # wildcard jobs (minute or hour written with *) skip the missing wall times
+        ("*/15 2 * * *", "Europe/Berlin", "2026-03-29T01:59:59+01:00",
+         ["2026-03-30T02:00:00+02:00", "2026-03-30T02:15:00+02:00"]),
+        ("*/15 * * * *", "Europe/Berlin", "2026-03-29T01:59:59+01:00",
+         ["2026-03-29T03:00:00+02:00", "2026-03-29T03:15:00+02:00"]),
+        # historic Tehran: the gap is midnight to 01:00
+        ("0 0 * * *", "Asia/Tehran", "2021-03-21T23:59:59+03:30",
+         ["2021-03-22T01:00:00+04:30", "2021-03-23T00:00:00+04:30"]),
+        ("30 23 * * *", "Asia/Tehran", "2021-09-21T12:00:00+04:30",
+         ["2021-09-21T23:30:00+04:30", "2021-09-22T23:30:00+03:30"]),
+        # Samoa skipped 2011-12-30 entirely: that day's run happens once, as the gap ends
+        ("0 9 * * *", "Pacific/Apia", "2011-12-29T23:59:59-10:00",
+         ["2011-12-31T00:00:00+14:00", "2011-12-31T09:00:00+14:00"]),
+        ("0 9 * * *", "Pacific/Apia", "2011-12-29T12:00:00-10:00",
+         ["2011-12-31T00:00:00+14:00", "2011-12-31T09:00:00+14:00"]),
+        ("0 0 * * *", "Pacific/Apia", "2011-12-29T23:59:59-10:00",
+         ["2011-12-31T00:00:00+14:00", "2012-01-01T00:00:00+14:00"]),
+    ],
+)
+def test_next_after_from_the_last_second_before_a_transition(
+    expr: str, tz: str, after: str, expected: list[str]
+) -> None:
+    start = datetime.fromisoformat(after).timestamp()
+    assert run(expr, tz, start, len(expected)) == expected
+
+
+def test_every_second_before_a_gap_finds_the_gap_run() -> None:
+    # from each of the last 120 seconds before Berlin's 2026 gap (and the first after it)
+    gap_end = utc("2026-03-29T01:00Z")
+    for expr in ("30 2 * * *", "0 2 * * *", "59 2 * * *", "0 2,3 * * *", "0 30 2 * * *"):
+        shared = parse_schedule(expr, "Europe/Berlin")  # its next_after memo answers most
+        for t in range(gap_end - 120, gap_end):
+            for u in (t, t + 0.5):
+                fresh = parse_schedule(expr, "Europe/Berlin")  # a new object: no memo
+                assert fresh.next_after(u) == gap_end, (expr, u - gap_end)
+                assert shared.next_after(u) == gap_end, (expr, u - gap_end)
+        assert shared.next_after(gap_end) != gap_end
+
+
+# --- which jobs are wildcard: cronie's rule (issue 11, item 8c) ---------------------------------
+
+@pytest.mark.parametrize(
+    ("expr", "fixed"),
+    [("30 2 * * *", True), ("0 9-17 * * *", True), ("0,30 1,2 * * *", True), ("@daily", True),
+     ("0 30 2 * * *", True), ("* 30 2 * * *", True),  # seconds do not count (cronie has none)
+     ("* 1-6 * * *", False), ("*/15 2 * * *", False), ("0 * * * *", False), ("@hourly", False),
+     ("*/20 */2 * * *", False), ("0 */15 2 * * *", False)],
+)
+def test_a_job_is_wildcard_when_its_minute_or_hour_starts_with_a_star(
+    expr: str, fixed: bool
+) -> None:
+    sched = parse_schedule(expr, "Europe/Berlin")
+    assert isinstance(sched, CronSchedule)
+    assert sched.fixed_time is fixed
+
+
+def test_wildcard_minute_runs_in_both_fall_back_passes_as_cronie_does() -> None:
+    # `* 1-6 * * *`: every minute of 01:00-06:59, and 02:xx happens twice on 2026-10-25
+    got = ours("* 1-6 * * *", "Europe/Berlin", utc("2026-10-24T22:00Z"), utc("2026-10-25T06:00Z"))
+    assert len(got) == 6 * 60 + 60  # 360 wall minutes, and the repeated hour's 60 again
+    assert got == list(range(utc("2026-10-24T23:00Z"), utc("2026-10-25T06:00Z"), 60))
+    # `*/20 2 * * *`: both passes of 02:00-02:59
+    assert run("*/20 2 * * *", "Europe/Berlin", at("Europe/Berlin", "2026-10-25T00:00"), 7) == [
+        "2026-10-25T02:00:00+02:00", "2026-10-25T02:20:00+02:00", "2026-10-25T02:40:00+02:00",
+        "2026-10-25T02:00:00+01:00", "2026-10-25T02:20:00+01:00", "2026-10-25T02:40:00+01:00",
+        "2026-10-26T02:00:00+01:00"]
+    # and in a spring gap a wildcard job simply has no 02:xx that day (cronie, cronsim)
+    assert run("* 2 * * *", "Europe/Berlin", at("Europe/Berlin", "2026-03-29T01:58"), 2) == [
+        "2026-03-30T02:00:00+02:00", "2026-03-30T02:01:00+02:00"]

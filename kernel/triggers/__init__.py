@@ -18,8 +18,11 @@ Dialect
   first** (``0 0 1 * * ?`` = 01:00:00 daily, Quartz/Spring); 7 fields add a year last
   (1970-2099, Quartz). Fields are separated by any whitespace.
 * Each field is a comma list of ``*``, ``v``, ``a-b``, ``*/n``, ``a-b/n``, ``a/n`` (= a to the
-  field's end, step n). ``a-b`` with ``a > b`` wraps (``FRI-MON``, ``22-2``); ``a-a`` is just
-  ``a``. A step must be 1 to the field's size.
+  field's end, step n). In the cyclic fields (second, minute, hour, day-of-month, month,
+  day-of-week) ``a-b`` with ``a > b`` wraps round the field's end (``FRI-MON``, ``22-2``,
+  ``50-10/10`` = 50, 0, 10), as Quartz does; cronie refuses these, but they are unambiguous on a
+  cycle. Years are not a cycle: a reversed year range (``2009-2008``) is refused, as APScheduler
+  and Quartz do. ``a-a`` is just ``a``. A step must be 1 to the field's size.
 * Names JAN-DEC and SUN-SAT, any case, also in ranges. Day-of-week uses **Unix numbering
   everywhere: 0-7 with 0 and 7 both Sunday**, 1 = Monday ... 6 = Saturday, also in 6- and
   7-field (Quartz-style) expressions, where Quartz itself would read 1 as Sunday: so ``2#1`` is

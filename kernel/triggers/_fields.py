@@ -108,6 +108,9 @@ def _item_mask(kind: int, item: str) -> int:
         if not left or not right:
             raise FieldSyntaxError(f"range {base!r} needs a value on both sides of '-'")
         a, b = _value(kind, left), _value(kind, right)
+        if kind == YEAR and a > b:
+            raise FieldSyntaxError(f"range {base!r} is reversed: years do not wrap; write the "
+                                   f"earlier year first: '{b}-{a}'")
     else:
         a = _value(kind, base)
         b = max(a, _STAR_HI[kind]) if slash else a
@@ -117,7 +120,7 @@ def _item_mask(kind: int, item: str) -> int:
     if a <= b:
         for v in range(a, b + 1, step):
             mask |= 1 << v
-    else:  # a wrapping range such as FRI-MON or 22-2: the step carries over the wrap
+    else:  # a wrapping range of a cyclic field (FRI-MON, 22-2): the step carries over the wrap
         lo, size = _LO[kind], _STAR_HI[kind] - _LO[kind] + 1
         for p in range(0, (b - a) % size + 1, step):
             mask |= 1 << (lo + (a - lo + p) % size)

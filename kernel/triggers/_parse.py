@@ -124,7 +124,10 @@ class Compiler:
         minute = fields[MINUTE].get(mi) or self._field(expr, MINUTE, mi)
         hour = fields[HOUR].get(hr) or self._field(expr, HOUR, hr)
         day = self._days.get((dom, mon, dow, yr)) or self._day_rule(expr, dom, mon, dow, yr)
-        return CronSchedule(expr, tz, zone, second, minute, hour, day, hr[0] != "*")
+        # Fixed-time unless the minute or the hour is written with a leading "*" (cronie's
+        # MIN_STAR | HR_STAR); the seconds field does not count (cronie has none).
+        return CronSchedule(expr, tz, zone, second, minute, hour, day,
+                            mi[0] != "*" and hr[0] != "*")
 
     def _field(self, expr: str, kind: int, text: str) -> Field:
         memo = self._fields[kind]

@@ -9,21 +9,26 @@ segment. No datetime arithmetic is done in the walk except ``date.fromordinal``.
 
 DST policy
 ----------
-A job is *fixed-time* when its hour field is not written with ``*`` (``30 2 * * *``,
-``0 9-17 * * *``, ``@daily``); it is *wildcard-hour* when the hour field is ``*`` or ``*/n``
-(``*/15 * * * *``, ``0 * * * *``, ``@hourly``). This is Vixie cron's distinction, keyed on the
-hour field alone.
+A job is *wildcard* when its minute **or** its hour field is written with a leading ``*``
+(``*/15 * * * *``, ``0 * * * *``, ``* 1-6 * * *``, ``*/20 2 * * *``, ``@hourly``); every other
+job is *fixed-time* (``30 2 * * *``, ``0 9-17 * * *``, ``0,30 1,2 * * *``, ``@daily``). This is
+Vixie cron's and cronie's rule (``MIN_STAR | HR_STAR`` in ``cron.c``), also cronsim's. The
+seconds field of a 6- or 7-field expression does not count (cron has none): ``* 30 2 * * *``
+is fixed-time.
 
 * Fall back (a wall time occurs twice): a fixed-time job runs once, at the first occurrence
   (Berlin, 2026-10-25: ``30 2 * * *`` at 02:30 CEST only; croniter runs it at 02:30 CEST and
-  again at 02:30 CET). A wildcard-hour job follows real elapsed time and runs in both
-  passes: ``30 * * * *`` at 02:30 CEST and again at 02:30 CET.
+  again at 02:30 CET). A wildcard job follows real elapsed time and runs in both passes:
+  ``30 * * * *`` at 02:30 CEST and again at 02:30 CET; ``* 1-6 * * *`` every minute of both
+  passes of 02:00-02:59.
 * Spring forward (wall times skipped): a fixed-time job whose wall time falls in the gap runs
   once, at the end of the gap (``30 2 * * *``, Berlin 2026-03-29: 03:00 CEST; Lord Howe's
-  half-hour gap: 02:15 runs at 02:30). Several gap times of one job collapse into that single
-  run, and so does a gap time with a regular time at the end of the gap (``0 2,3 * * *``).
-  A wildcard-hour job just skips the missing wall times (``30 * * * *``: 01:30 CET, then
-  03:30 CEST; no extra run).
+  half-hour gap: 02:15 runs at 02:30; Samoa's skipped 2011-12-30: ``0 9 * * *`` runs at
+  2011-12-31 00:00). Several gap times of one job collapse into that single run, and so does a
+  gap time with a regular time at the end of the gap (``0 2,3 * * *``). This holds from any
+  starting instant, the last second before the gap included. A wildcard job just skips the
+  missing wall times (``30 * * * *``: 01:30 CET, then 03:30 CEST; ``*/15 2 * * *`` has no run
+  that day); nothing extra runs.
 * ``@every`` is not wall time at all and ignores DST (see :mod:`kernel.triggers.every`).
 """
 
@@ -62,12 +67,13 @@ class CronSchedule:
         self._hi = 0.0
 
     def __repr__(self) -> str:
-        kind = "fixed-time" if self._fixed else "wildcard-hour"
+        kind = "fixed-time" if self._fixed else "wildcard"
         return f"CronSchedule({self.expr!r}, tz={self.tz!r}, {kind})"
 
     @property
     def fixed_time(self) -> bool:
-        """True when the DST policy treats this as a fixed wall-clock time (hour not ``*``)."""
+        """True when the DST policy treats this as a fixed wall-clock time (neither the minute
+        nor the hour field starts with ``*``)."""
         return self._fixed
 
     def next_after(self, instant: float) -> float | None:
@@ -82,6 +88,14 @@ class CronSchedule:
         fixed = self._fixed
         while True:
             start, end, off, prev = zone.segment(s)
+            if fixed and s == start and off > prev:
+                # The walk begins exactly as a spring-forward gap ends (asked for in the last
+                # second before it): the gap's wall times [start + prev, start + off) belong to
+                # this seam too, and a match among them runs now, at the end of the gap.
+                r = self._next_wall(start + prev)
+                if r is not None and r < start + off:
+                    c = start
+                    break
             if fixed and prev > off and s < start + prev - off:
                 # Just after a fall-back: these wall times already occurred; fixed-time jobs
                 # ran then, so resume where the wall clock passes its pre-transition reading.
