@@ -1,21 +1,37 @@
 """Atomic file writes for actions and plugins: a temporary file beside the target, fsync, then
 ``os.replace``.
 
-A reader sees the old file or the new one, never half of one, even if the process dies.
+A reader sees the old file or the new one, never half of one, even if the process dies. Every
+call writes its own temporary (``.{name}.{random}.tmp``, created with ``O_EXCL``), so writers of
+one target, in threads of one process or in several processes, never share one: the last
+rename wins and each rename publishes one writer's whole file. The file gets the mode ``open()``
+would give it (0666 less the umask), unlike ``tempfile.mkstemp``'s 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
+
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create_temporary(path: Path) -> tuple[Path, int]:
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return tmp, os.open(tmp, _FLAGS, 0o666)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp, fd = _create_temporary(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
