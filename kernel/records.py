@@ -110,6 +110,7 @@ class RunQuery(msgspec.Struct, kw_only=True, frozen=True):
     since: float | None = None
     until: float | None = None
     trace_id: str | None = None
+    job_id: str | None = None
     limit: int = 100
     offset: int = 0
 

@@ -266,6 +266,7 @@ class MemoryStore(Store):
                 (q.task_id is not None and run.task_id != q.task_id)
                 or (q.outcome is not None and run.outcome != q.outcome)
                 or (q.trace_id is not None and run.trace_id != q.trace_id)
+                or (q.job_id is not None and run.job_id != q.job_id)
                 or (q.since is not None and run.finished_at < q.since)
                 or (q.until is not None and run.finished_at >= q.until)
             ):

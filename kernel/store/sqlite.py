@@ -515,6 +515,7 @@ class SqliteStore(Store):
             ("task_id = ?", q.task_id),
             ("outcome = ?", q.outcome),
             ("trace_id = ?", q.trace_id),
+            ("job_id = ?", q.job_id),
             ("finished_at >= ?", q.since),
             ("finished_at < ?", q.until),
         ):
