@@ -14,19 +14,22 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from kernel import config as config_mod
 from kernel.api.server import api_service
 from kernel.app import KernelParts
+from kernel.clock import FakeClock
 from kernel.metrics import KernelMetrics
 
-from .harness import make_harness
+from .harness import Harness, make_harness
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "scripts/prometheus/alert_rules.yml"
@@ -95,6 +98,59 @@ async def _running(proc: asyncio.subprocess.Process) -> AsyncIterator[None]:
             await proc.wait()
 
 
+async def _api_target(h: Harness) -> str:
+    """host:port of the harness kernel's API, once it has bound its socket."""
+    for _ in range(1000):  # the API binds its socket in the background
+        if h.kernel.api_url is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert h.kernel.api_url is not None, "the API did not start"
+    return h.kernel.api_url.removeprefix("http://")
+
+
+@contextlib.asynccontextmanager
+async def _prometheus(prometheus_bin: str, tmp_path: Path, target: str
+                      ) -> AsyncIterator[tuple[str, aiohttp.ClientSession, Callable[[], None]]]:
+    """A real Prometheus scraping ``target`` every second with the shipped rules; yields its
+    base URL, a client session and a check that it is still running."""
+    port = _free_port()
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(f"""
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+  - {RULES}
+scrape_configs:
+  - job_name: open-autoglm-kernel
+    metrics_path: /metrics
+    authorization:
+      type: Bearer
+      credentials: {TOKEN}
+    static_configs:
+      - targets: ["{target}"]
+""")
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            prometheus_bin, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+
+        def alive() -> None:
+            assert proc.returncode is None, log_path.read_text()
+
+        async with _running(proc):
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
+                yield f"http://127.0.0.1:{port}", s, alive
+
+
+async def _rules(session: aiohttp.ClientSession, base: str) -> list[dict[str, Any]]:
+    async with session.get(f"{base}/api/v1/rules") as resp:
+        groups = (await resp.json())["data"]["groups"]
+    return [r for g in groups for r in g["rules"]]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(INSTALL_TIMEOUT * 2 + 90)
 async def test_prometheus_scrapes_the_kernel_and_loads_the_alert_rules(
@@ -121,36 +177,6 @@ async def test_prometheus_scrapes_the_kernel_and_loads_the_alert_rules(
     h.kernel.bus.subscribe(metrics)
     await h.start()
     await h.advance(21)   # tick: 4 successes, broken: 2 failures
-    for _ in range(1000):  # the API binds its socket in the background
-        if h.kernel.api_url is not None:
-            break
-        await asyncio.sleep(0.01)
-    assert h.kernel.api_url is not None, "the API did not start"
-    target = h.kernel.api_url.removeprefix("http://")
-
-    port = _free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(f"""
-global:
-  scrape_interval: 1s
-  evaluation_interval: 1s
-rule_files:
-  - {RULES}
-scrape_configs:
-  - job_name: open-autoglm-kernel
-    metrics_path: /metrics
-    authorization:
-      type: Bearer
-      credentials: {TOKEN}
-    static_configs:
-      - targets: ["{target}"]
-""")
-    log = (tmp_path / "prometheus.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        prometheus_bin, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    base = f"http://127.0.0.1:{port}"
     want = {
         'up{job="open-autoglm-kernel"}': 1.0,
         'autoglm_kernel_runs_succeeded_total{task="tick"}': 4.0,
@@ -162,31 +188,100 @@ scrape_configs:
     got: dict[str, float] = {}
     rules: list[dict[str, Any]] = []
     try:
-        async with _running(proc):
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
-                async with asyncio.timeout(30):
-                    while True:
-                        assert proc.returncode is None, (tmp_path / "prometheus.log").read_text()
-                        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                            for expr in want.keys() - got.keys():
-                                result = await _query(s, base, expr)
-                                if result:
-                                    got[expr] = float(result[0]["value"][1])
-                            async with s.get(f"{base}/api/v1/rules") as resp:
-                                groups = (await resp.json())["data"]["groups"]
-                            rules = [r for g in groups for r in g["rules"]]
-                        if (got.keys() == want.keys()
-                                and rules and all(r["health"] == "ok" for r in rules)):
-                            break
-                        await asyncio.sleep(0.05)
+        async with _prometheus(prometheus_bin, tmp_path, await _api_target(h)) as (base, s,
+                                                                                   alive):
+            async with asyncio.timeout(30):
+                while True:
+                    alive()
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        for expr in want.keys() - got.keys():
+                            result = await _query(s, base, expr)
+                            if result:
+                                got[expr] = float(result[0]["value"][1])
+                        rules = await _rules(s, base)
+                    if (got.keys() == want.keys()
+                            and rules and all(r["health"] == "ok" for r in rules)):
+                        break
+                    await asyncio.sleep(0.05)
     finally:
-        log.close()
         h.rec.release.set()
         await h.stop()
     assert got == want
     names = {r["name"] for r in rules}
     assert {"KernelDown", "KernelHighFailureRate", "KernelQueueNearlyFull"} <= names
     assert all(r["health"] == "ok" and not r.get("lastError") for r in rules), rules
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(INSTALL_TIMEOUT * 2 + 90)
+async def test_prometheus_alerts_on_a_task_that_never_succeeds(
+        prometheus_bin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dead-man's switch end to end: the kernel's real gauges, the shipped rule, the real
+    Prometheus. The fake clock's wall time ends at the real time, so the rule's ``time()``
+    and the kernel's timestamps agree."""
+    monkeypatch.setenv("KERNEL_API_TOKEN", TOKEN)
+    history = 1200.0  # fake seconds the kernel has run before Prometheus looks
+    metrics = KernelMetrics()
+    h = make_harness("""
+        [server]
+        host = "127.0.0.1"
+        port = 0
+        [[tasks]]
+        id = "tick"
+        schedule = "@every 60s"
+        action = "rec"
+        [[tasks]]
+        id = "broken"
+        schedule = "@every 60s"
+        action = "rec"
+        payload = { mode = "fail", code = "ERR_EXEC_FAILED" }
+        [[tasks]]
+        id = "held"
+        schedule = "@every 60s"
+        action = "rec"
+        payload = { mode = "fail", code = "ERR_EXEC_FAILED" }
+        """, clock=FakeClock(wall=time.time() - history), parts=KernelParts(services=[
+            functools.partial(api_service, metrics=metrics.render, require_token=True)]))
+    h.kernel.bus.subscribe(metrics)
+    await h.start()
+    await h.kernel.pause("held")  # paused: nothing is expected of it
+    await h.advance(history, step=10.0)
+    want = {
+        'autoglm_kernel_task_interval_seconds{task="tick"}': 60.0,
+        'autoglm_kernel_task_interval_seconds{task="broken"}': 60.0,
+        'count(autoglm_kernel_build_info{version!="",python!=""})': 1.0,
+        'count(process_cpu_seconds_total{job="open-autoglm-kernel"})': 1.0,
+        'count(autoglm_kernel_task_last_success_timestamp_seconds{task="tick"})': 1.0,
+    }
+    got: dict[str, float] = {}
+    created: list[Any] = []
+    alerts: list[dict[str, Any]] = []
+    try:
+        async with _prometheus(prometheus_bin, tmp_path, await _api_target(h)) as (base, s,
+                                                                                   alive):
+            async with asyncio.timeout(30):
+                while True:
+                    alive()
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        for expr in want.keys() - got.keys():
+                            result = await _query(s, base, expr)
+                            if result:
+                                got[expr] = float(result[0]["value"][1])
+                        created = await _query(s, base, '{__name__=~".+_created"}')
+                        async with s.get(f"{base}/api/v1/alerts") as resp:
+                            alerts = (await resp.json())["data"]["alerts"]
+                    if got.keys() == want.keys() and any(
+                            a["labels"]["alertname"] == "KernelTaskNotSucceeding"
+                            for a in alerts):
+                        break
+                    await asyncio.sleep(0.05)
+    finally:
+        await h.stop()
+    assert got == want
+    assert created == []
+    silent = {a["labels"]["task"] for a in alerts
+              if a["labels"]["alertname"] == "KernelTaskNotSucceeding"}
+    assert silent == {"broken"}, alerts   # not tick (succeeds), not held (paused)
 
 
 @pytest.mark.slow
@@ -199,6 +294,82 @@ def test_promtool_accepts_the_shipped_config_and_rules(prometheus_bin: str) -> N
         done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60,
                               check=False)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ============================================================================ dead-man's switch
+@pytest.fixture(scope="session")
+def promtool_bin(prometheus_bin: str) -> str:
+    promtool = shutil.which("promtool") or str(Path(prometheus_bin).with_name("promtool"))
+    if not Path(promtool).exists():
+        pytest.skip("promtool is not installed next to prometheus")
+    return promtool
+
+
+def _series(name: str, task: str | None, values: str) -> dict[str, str]:
+    labels = 'instance="k:1",job="open-autoglm-kernel"' + (f',task="{task}"' if task else "")
+    return {"series": f"autoglm_kernel_{name}{{{labels}}}", "values": values}
+
+
+def _not_succeeding(task: str, age: str, every: str) -> dict[str, Any]:
+    return {
+        "exp_labels": {"severity": "warning", "instance": "k:1", "job": "open-autoglm-kernel",
+                       "task": task},
+        "exp_annotations": {
+            "summary": f"Task {task} has not succeeded for {age} on k:1",
+            "description": (
+                f"The task should run every {every} but has not succeeded for three of its "
+                f"intervals: it fails (see KernelTaskFailingRepeatedly and GET /runs?task="
+                f"{task}), is skipped, or no longer comes due. `python -m kernel explain "
+                f"<ERR_CODE>` explains each error code."),
+        },
+    }
+
+
+@pytest.mark.slow
+def test_dead_mans_switch_rule_fires_for_tasks_that_stopped_succeeding(
+        promtool_bin: str, tmp_path: Path) -> None:
+    """promtool's rule unit tests: synthetic series, minute by minute, time() from 0."""
+    series = [
+        _series("start_time_seconds", None, "0x180"),   # the kernel started at 0
+        # succeeds every minute, runs every 5 min: never fires
+        _series("task_interval_seconds", "healthy", "300x180"),
+        _series("task_last_success_timestamp_seconds", "healthy", "0+60x180"),
+        # last success at 600 s, runs every 5 min: fires once 3 x 5 min have passed
+        _series("task_interval_seconds", "stale", "300x180"),
+        _series("task_last_success_timestamp_seconds", "stale", "600x180"),
+        # no success since the kernel started: counted from the start
+        _series("task_interval_seconds", "never", "300x180"),
+        # every 5 s, last success always 5 min old (scrape lag, a slow run): the 10 min floor
+        _series("task_interval_seconds", "fast", "5x180"),
+        _series("task_last_success_timestamp_seconds", "fast", "-300+60x180"),
+        # daily: an hour without a success is normal
+        _series("task_interval_seconds", "daily", "86400x180"),
+        # paused, disabled or manual tasks export no interval: never fires
+        _series("task_last_success_timestamp_seconds", "paused", "0x180"),
+    ]
+    spec = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": series,
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": "KernelTaskNotSucceeding", "exp_alerts": []},
+                # never: 15 min > 3 x 5 min since 0, but only pending for its `for: 1m`
+                {"eval_time": "16m", "alertname": "KernelTaskNotSucceeding", "exp_alerts": []},
+                {"eval_time": "17m", "alertname": "KernelTaskNotSucceeding",
+                 "exp_alerts": [_not_succeeding("never", "17m 0s", "5m 0s")]},
+                {"eval_time": "60m", "alertname": "KernelTaskNotSucceeding",
+                 "exp_alerts": [_not_succeeding("never", "1h 0m 0s", "5m 0s"),
+                                _not_succeeding("stale", "50m 0s", "5m 0s")]},
+            ],
+        }],
+    }
+    test_file = tmp_path / "dead_mans_switch_test.yml"
+    test_file.write_text(yaml.safe_dump(spec))
+    done = subprocess.run([promtool_bin, "test", "rules", str(test_file)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # ============================================================================ systemd unit
