@@ -1,22 +1,128 @@
-"""Command line: ``python -m kernel [run|validate|cron|plugins|explain|...]``.
+"""Command line: ``autoglm-kernel`` (or ``python -m kernel``) ``[run|validate|cron|plugins|...]``.
 
-Exit status: 0 success, 1 a failed check (``validate`` found problems, a run could not start),
-2 invalid input (a bad expression, unknown code, bad arguments). Errors are one readable line
-(or one line per config issue) on stderr, never a traceback.
+Exit status (the same for every command):
+
+====  =====================================================================================
+0     done
+1     a runtime failure: the kernel stopped on an error, a client command could not reach
+      the kernel or it refused the request, a plugin failed to load
+2     usage: unknown option, bad argument, invalid expression, unknown error code
+78    the configuration is invalid (``EX_CONFIG`` from sysexits.h): ``validate`` found an
+      error, or ``run`` refused to start; systemd's ``RestartPreventExitStatus=78`` stops a
+      restart loop on a broken file
+130   interrupted (Ctrl-C) before the kernel was up
+====  =====================================================================================
+
+Errors are one readable line (or one line per config issue) on stderr, never a traceback. With
+``--json`` every command prints one JSON document on stdout, errors included:
+``{"error": {"code": "ERR_...", "message": "...", "exit_status": N}}`` (config errors add
+``"issues"``).
+
+Without ``--config`` the file comes from the discovery chain in :mod:`kernel.discovery`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import importlib.metadata
+import io
 import json
+import os
+import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, cast
 
-from .errors import ConfigError, KernelError
+from .errors import ConfigError, ConfigIssue, ErrorCode, KernelError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """exit status:
+  0   done
+  1   runtime failure (the kernel stopped on an error, a client command failed)
+  2   usage error (bad option or argument, invalid expression)
+  78  configuration invalid (EX_CONFIG; for systemd's RestartPreventExitStatus=78)"""
+
+CONFIG_HELP = """config file (first found): --config FILE, $KERNEL_CONFIG,
+  $XDG_CONFIG_HOME/open-autoglm-kernel/config.toml (~/.config/...),
+  /etc/open-autoglm-kernel/config.toml, else the embedded demo config (with a warning)"""
+
+EXAMPLES: dict[str, str] = {
+    "run": """examples:
+  autoglm-kernel                                   # discover the config, start the kernel
+  autoglm-kernel run --config config.toml --tui    # a given file, with the live dashboard
+  autoglm-kernel run --json --port 0               # JSON logs, any free API port""",
+    "validate": """examples:
+  autoglm-kernel validate --config config.toml
+  autoglm-kernel validate --json | jq '.issues[] | .message'""",
+    "cron": """examples:
+  autoglm-kernel cron "0 2 * * *" --tz Europe/Berlin --count 3
+  autoglm-kernel cron "@every 90s" --after 2026-01-01T00:00:00Z --json""",
+    "plugins": """examples:
+  autoglm-kernel plugins
+  autoglm-kernel plugins --json | jq '.actions[].name'""",
+    "explain": """examples:
+  autoglm-kernel explain ERR_TIMEOUT
+  autoglm-kernel explain timeout --json
+  autoglm-kernel explain                           # every code""",
+    "submit": """examples:
+  autoglm-kernel submit log --payload '{"message": "hello"}' --delay 10s
+  autoglm-kernel submit exec --payload '{"argv": ["uptime"]}' --dedup-key uptime-1 --json""",
+    "jobs": """examples:
+  autoglm-kernel jobs --state running
+  autoglm-kernel jobs --task heartbeat --json""",
+    "runs": """examples:
+  autoglm-kernel runs --limit 5
+  autoglm-kernel runs --outcome failed --since 2026-11-30T00:00:00Z --json""",
+    "tasks": """examples:
+  autoglm-kernel tasks
+  autoglm-kernel tasks --url http://10.0.0.5:8765 --json""",
+    "pause": "example:\n  autoglm-kernel pause heartbeat",
+    "resume": "example:\n  autoglm-kernel resume heartbeat",
+    "trigger": """examples:
+  autoglm-kernel trigger uptime_probe
+  autoglm-kernel trigger report --payload '{"day": "2026-11-29"}'""",
+    "cancel": "example:\n  autoglm-kernel cancel 01JD3K9Q0000000000000001",
+    "backfill": """example:
+  autoglm-kernel backfill report --start 2026-11-01T00:00:00Z --end 2026-11-07T00:00:00Z""",
+    "tui": """examples:
+  autoglm-kernel tui
+  autoglm-kernel tui --url http://127.0.0.1:8765 --refresh 2""",
+}
+
+OPTION_HELP: dict[str, str] = {
+    "--state": "only jobs in this state",
+    "--task": "only this task's entries",
+    "--limit": "at most this many rows",
+    "--outcome": "only runs with this outcome",
+}
+"""Help for options registered elsewhere without one (a fallback; theirs wins)."""
+
+
+class UsageError(Exception):
+    """Bad arguments: exit status 2, the message as argparse words it."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are exceptions, so ``--json`` can print them as JSON."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("open-autoglm-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _iso_instant(text: str) -> float:
@@ -31,54 +137,119 @@ def _iso_instant(text: str) -> float:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None,
-                   help="config.toml to use (default: the embedded default config)")
-    p.add_argument("--tasks", type=Path, default=None,
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="config.toml to use (default: discovered, see below)")
+    p.add_argument("--tasks", type=Path, default=None, metavar="FILE",
                    help="extra tasks in the seed's YAML format (tasks: - id/schedule/action)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m kernel",
-        description="Open-AutoGLM Kernel: a scheduler for LLM work on one GPU box.")
-    sub = ap.add_subparsers(dest="cmd")
+def _add_json(p: argparse.ArgumentParser, text: str = "print one JSON document on stdout "
+              "(errors too)") -> None:
+    p.add_argument("--json", action="store_true", help=text)
 
-    run = sub.add_parser("run", help="start the kernel (the default command)")
+
+def _prog() -> str:
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m kernel" if argv0 in ("", "__main__.py", "-c") else argv0
+
+
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    ap = Parser(
+        prog=prog or _prog(), formatter_class=fmt,
+        description="Open-AutoGLM Kernel: a scheduler for LLM work on one GPU box. "
+                    "With no command, `run`.",
+        epilog=f"{CONFIG_HELP}\n\n{EXIT_CODES_HELP}\n\nexamples:\n"
+               "  autoglm-kernel                        # start the kernel\n"
+               "  autoglm-kernel validate               # check the config it would use\n"
+               "  autoglm-kernel COMMAND --help         # one command's options and examples")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {version()}",
+                    help="print the version and exit")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
+        return p
+
+    run = add("run", "start the kernel (the default command)")
     _add_config_args(run)
-    run.add_argument("--log-format", choices=["auto", "json", "text"], default=None)
+    run.add_argument("--log-format", choices=["auto", "json", "text"], default=None,
+                     help="log lines on stderr: auto (text on a terminal, else JSON), json or "
+                          "text (default: [kernel] log_format)")
+    _add_json(run, "JSON logs (as --log-format json), and a start-up error as JSON on stdout")
     run.add_argument("--tui", action="store_true", help="show the live terminal UI")
     run.add_argument("--port", type=int, default=None,
                      help="override [server] port (0 picks a free port)")
     run.add_argument("--no-server", action="store_true", help="do not start the HTTP API")
 
-    val = sub.add_parser("validate", help="check a config and report every problem")
+    val = add("validate", "check a config and report every problem (exit 78 if any)")
     _add_config_args(val)
+    _add_json(val)
 
-    cron = sub.add_parser("cron", help="preview the next fire instants of a schedule")
-    cron.add_argument("expr")
-    cron.add_argument("--tz", default="UTC")
+    cron = add("cron", "preview the next fire instants of a schedule")
+    cron.add_argument("expr", help="a cron expression (5 or 6 fields), @daily, @every 5m, ...")
+    cron.add_argument("--tz", default="UTC", help="IANA time zone of the schedule (default UTC)")
     cron.add_argument("--after", type=_iso_instant, default=None,
                       help="ISO-8601 instant to start after (default: now)")
-    cron.add_argument("--count", type=int, default=5)
+    cron.add_argument("--count", type=int, default=5, help="how many instants (default 5)")
+    _add_json(cron)
 
-    plug = sub.add_parser("plugins", help="list plugins and their actions")
-    plug.add_argument("--json", action="store_true")
+    plug = add("plugins", "list plugins and their actions")
+    _add_json(plug)
     _add_config_args(plug)
 
-    exp = sub.add_parser("explain", help="explain an error code, e.g. ERR_TIMEOUT")
-    exp.add_argument("code", nargs="?", help="omit to list every code")
+    exp = add("explain", "explain an error code, e.g. ERR_TIMEOUT")
+    exp.add_argument("code", nargs="?", help="an error code (ERR_ optional); omit to list every code")
+    _add_json(exp)
 
     from .client import add_client_commands
     from .tui import add_tui_command
 
     add_client_commands(sub)
-    add_tui_command(sub)
+    add_tui_command(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
+    for name, p in sub.choices.items():
+        p.formatter_class = fmt
+        extra = EXAMPLES.get(name, "")
+        if name in ("run", "validate", "plugins"):
+            extra = f"{extra}\n\n{CONFIG_HELP}" if extra else CONFIG_HELP
+        if extra and not p.epilog:
+            p.epilog = extra
+        for action in p._actions:
+            if action.help is None:
+                for flag in action.option_strings:
+                    if flag in OPTION_HELP:
+                        action.help = OPTION_HELP[flag]
     return ap
+
+
+# ====================================================================================== output
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _error_doc(code: str | None, message: str, status: int, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "exit_status": status, **extra}}
+
+
+def _fail(a: argparse.Namespace | None, code: ErrorCode | str | None, message: str,
+          status: int, **extra: Any) -> int:
+    """Report an error the way the mode asks: JSON on stdout, or ``error: ...`` on stderr."""
+    if a is not None and getattr(a, "json", False):
+        _print_json(_error_doc(None if code is None else str(code), message, status, **extra))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def _issue_doc(i: ConfigIssue) -> dict[str, str]:
+    return {"file": i.file, "where": i.where, "message": i.message, "severity": i.severity}
 
 
 def _err(text: str) -> int:
     print(f"error: {text}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -92,31 +263,47 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+# ===================================================================================== commands
+
+
 def cmd_run(a: argparse.Namespace) -> int:
+    from .discovery import discover
     from .main import serve
 
+    found = discover(a.config)
+    log_format = "json" if a.json else a.log_format
     try:
         try:
-            return _run_async(serve(a.config, a.tasks, log_format=a.log_format, tui=a.tui,
-                                    port=a.port, server=not a.no_server))
+            return _run_async(serve(found.path, a.tasks, log_format=log_format, tui=a.tui,
+                                    port=a.port, server=not a.no_server, discovered=found))
         except BaseExceptionGroup as group:  # a service (the API server) failed to start
             first = _first_kernel_error(group)
             if first is None:
                 raise
             raise first from None
     except ConfigError as exc:
-        print("the kernel did not start: the configuration has problems:", file=sys.stderr)
+        if a.json:
+            _print_json(_error_doc(exc.code.value, "the configuration has problems",
+                                   EXIT_CONFIG, file=found.describe(),
+                                   issues=[_issue_doc(i) for i in exc.issues]))
+            return EXIT_CONFIG
+        print(f"the kernel did not start: the configuration ({found.describe()}) has problems:",
+              file=sys.stderr)
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     except KernelError as exc:
         from .errors import CATALOGUE
 
+        if a.json:
+            _print_json(_error_doc(exc.code.value, str(exc), EXIT_FAILURE,
+                                   remedy=CATALOGUE[exc.code].remedy))
+            return EXIT_FAILURE
         print(f"the kernel stopped: [{exc.code}] {exc}", file=sys.stderr)
         print(f"  what to do: {CATALOGUE[exc.code].remedy}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _first_kernel_error(group: BaseExceptionGroup[BaseException]) -> KernelError | None:
@@ -132,27 +319,46 @@ def _first_kernel_error(group: BaseExceptionGroup[BaseException]) -> KernelError
 
 def cmd_validate(a: argparse.Namespace) -> int:
     from . import config as config_mod
+    from .discovery import discover
     from .gpu import GpuGate, NvmlProbe
     from .main import plugin_set
     from .validate import validate
 
+    found = discover(a.config)
+    if found.is_demo and not a.json:
+        print(f"warning: {found.demo_warning()}", file=sys.stderr)
     try:
-        cfg = config_mod.load(a.config, tasks_file=a.tasks)
+        cfg = config_mod.load(found.path, tasks_file=a.tasks)
         issues = validate(cfg, plugin_set(cfg), GpuGate(NvmlProbe()))
     except ConfigError as exc:
         issues = exc.issues
         cfg = None
+    errors = [i for i in issues if i.severity == "error"]
+    if a.json:
+        doc: dict[str, Any] = {
+            "file": None if found.path is None else str(found.path), "origin": found.origin,
+            "looked": list(found.looked), "valid": not errors,
+            "errors": len(errors), "warnings": len(issues) - len(errors),
+            "issues": [_issue_doc(i) for i in issues]}
+        if cfg is not None and not errors:
+            doc["tasks"] = len(cfg.tasks)
+            doc["enabled"] = sum(1 for t in cfg.tasks if t.enabled)
+        if errors:
+            doc["error"] = {"code": ErrorCode.ERR_CONFIG_INVALID.value,
+                            "message": f"{len(errors)} problem(s) found in {found.describe()}",
+                            "exit_status": EXIT_CONFIG}
+        _print_json(doc)
+        return EXIT_CONFIG if errors else EXIT_OK
     for issue in issues:
         print(str(issue), file=sys.stderr)
-    errors = [i for i in issues if i.severity == "error"]
     if errors:
-        print(f"{len(errors)} problem(s) found", file=sys.stderr)
-        return 1
+        print(f"{len(errors)} problem(s) found in {found.describe()}", file=sys.stderr)
+        return EXIT_CONFIG
     assert cfg is not None
     enabled = sum(1 for t in cfg.tasks if t.enabled)
     warned = f", {len(issues)} warning(s)" if issues else ""
-    print(f"{cfg.source}: valid ({len(cfg.tasks)} task(s), {enabled} enabled{warned})")
-    return 0
+    print(f"{found.describe()}: valid ({len(cfg.tasks)} task(s), {enabled} enabled{warned})")
+    return EXIT_OK
 
 
 def cmd_cron(a: argparse.Namespace) -> int:
@@ -161,69 +367,87 @@ def cmd_cron(a: argparse.Namespace) -> int:
     from .triggers import preview
 
     if a.count < 1:
-        return _err("--count must be at least 1")
+        return _fail(a, ErrorCode.ERR_USAGE, "--count must be at least 1", EXIT_USAGE)
     after = a.after if a.after is not None else time.time()
     try:
         instants = preview(a.expr, a.tz, after, a.count)
     except KernelError as exc:
-        return _err(str(exc))
+        return _fail(a, exc.code, str(exc), EXIT_USAGE)
     if not instants:
-        return _err(f"schedule {a.expr!r} never fires after the given instant")
+        return _fail(a, ErrorCode.ERR_CRON_INVALID,
+                     f"schedule {a.expr!r} never fires after the given instant", EXIT_USAGE)
+    if a.json:
+        _print_json({"expr": a.expr, "tz": a.tz,
+                     "after": dt.datetime.fromtimestamp(after, dt.UTC).isoformat(),
+                     "instants": [d.isoformat() for d in instants]})
+        return EXIT_OK
     for d in instants:
         print(d.isoformat())
-    return 0
+    return EXIT_OK
 
 
 def cmd_plugins(a: argparse.Namespace) -> int:
     from . import config as config_mod
+    from .discovery import discover
     from .main import plugin_set
     from .plugins import payload_schema
 
     try:
-        cfg = config_mod.load(a.config, tasks_file=a.tasks)
+        cfg = config_mod.load(discover(a.config).path, tasks_file=a.tasks)
     except ConfigError:
         cfg = config_mod.Config()
     ps = plugin_set(cfg)
     if a.json:
-        print(json.dumps({
+        _print_json({
             "plugins": ps.plugins,
             "actions": [{"name": x.name, "plugin": x.plugin, "description": x.description,
                          "payload_schema": payload_schema(x)}
                         for x in sorted(ps.actions.values(), key=lambda x: x.name)],
             "problems": [{"plugin": p.plugin, "message": p.message} for p in ps.problems],
-        }, indent=2))
+        })
     else:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title="Actions")
-        for col in ("action", "plugin", "description"):
-            table.add_column(col)
-        for x in sorted(ps.actions.values(), key=lambda x: x.name):
-            table.add_row(x.name, x.plugin, x.description)
+        from .tables import print_table
+
         con = Console()
-        con.print(table)
+        print_table("Actions", ["action", "plugin", "description"],
+                    [[x.name, x.plugin, x.description]
+                     for x in sorted(ps.actions.values(), key=lambda x: x.name)], console=con)
         for p in ps.problems:
             con.print(f"[red]plugin {p.plugin} failed:[/red] {p.message}")
-    return 1 if ps.problems else 0
+    return EXIT_FAILURE if ps.problems else EXIT_OK
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
     from .errors import CATALOGUE, explain
 
+    def doc(e: Any) -> dict[str, Any]:
+        return {"code": e.code.value, "meaning": e.meaning, "remedy": e.remedy,
+                "retryable": e.retryable}
+
     if not a.code:
-        for e in CATALOGUE.values():
-            print(f"{e.code.value:24} {e.meaning.split('.')[0]}.")
-        return 0
+        if a.json:
+            _print_json({"codes": [doc(e) for e in CATALOGUE.values()]})
+            return EXIT_OK
+        from .tables import print_table
+
+        print_table("Error codes (explain CODE for the remedy)", ["code", "meaning"],
+                    [[e.code.value, e.meaning.split(". ")[0].rstrip(".") + "."]
+                     for e in CATALOGUE.values()])
+        return EXIT_OK
     try:
         e = explain(a.code)
     except KernelError as exc:
-        return _err(str(exc))
+        return _fail(a, exc.code, str(exc), EXIT_USAGE)
+    if a.json:
+        _print_json(doc(e))
+        return EXIT_OK
     print(e.code.value)
     print(f"  meaning:   {e.meaning}")
     print(f"  remedy:    {e.remedy}")
     print(f"  retryable: {'yes' if e.retryable else 'no'}")
-    return 0
+    return EXIT_OK
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -231,15 +455,52 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "explain": cmd_explain,
 }
 
+_CODE_IN_LINE = re.compile(r"\[(ERR_[A-Z_]+)\]")
 
-def main(argv: Sequence[str] | None = None) -> int:
+
+def _json_errors(handler: Callable[[argparse.Namespace], int], a: argparse.Namespace) -> int:
+    """Run a command registered elsewhere (the API client's) in ``--json`` mode: what it writes
+    to stderr on failure becomes the JSON error document on stdout."""
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        rc = handler(a)
+    text = buf.getvalue().strip()
+    if rc == EXIT_OK or not text:
+        sys.stderr.write(buf.getvalue())
+        return rc
+    m = _CODE_IN_LINE.search(text)
+    code = m.group(1) if m else (ErrorCode.ERR_UNREACHABLE.value if "cannot reach" in text
+                                 or "no answer" in text else None)
+    message = re.sub(r"^error(?: \[[^\]]*\])?: ", "", text.splitlines()[0])
+    _print_json(_error_doc(code, message, rc))
+    return rc
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    ap = _parser()
-    if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
+    json_mode = "--json" in args
+    if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help", "--version")):
         args = ["run", *args]
-    a = ap.parse_args(args)
-    handler = COMMANDS.get(a.cmd) or getattr(a, "handler", None)
-    if handler is None:
+    try:
+        ap = _parser(prog)
+        a = ap.parse_args(args)
+    except UsageError as exc:
+        if json_mode:
+            _print_json(_error_doc(ErrorCode.ERR_USAGE.value, str(exc), EXIT_USAGE))
+        else:
+            print(str(exc), file=sys.stderr)
+            print("  (add --help for the options and examples)", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    handler = COMMANDS.get(a.cmd)
+    if handler is not None:
+        return handler(a)
+    external = getattr(a, "handler", None)
+    if external is None:
         ap.print_help()
-        return 2
-    return handler(a)
+        return EXIT_USAGE
+    if getattr(a, "json", False):
+        return _json_errors(external, a)
+    rc: int = external(a)
+    return rc

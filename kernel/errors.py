@@ -62,6 +62,8 @@ class ErrorCode(enum.StrEnum):
     ERR_UNAUTHORIZED = "ERR_UNAUTHORIZED"
     ERR_SHUTTING_DOWN = "ERR_SHUTTING_DOWN"
     ERR_INTERNAL = "ERR_INTERNAL"
+    ERR_USAGE = "ERR_USAGE"
+    ERR_UNREACHABLE = "ERR_UNREACHABLE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +161,13 @@ CATALOGUE: dict[ErrorCode, CatalogueEntry] = {
            "Submit again once it has restarted.", True),
         _e(C.ERR_INTERNAL, "A bug in the kernel: an unexpected exception was caught at a boundary.",
            "Report it with the log line that carries the traceback."),
+        _e(C.ERR_USAGE, "The command line is wrong: an unknown option, a missing or malformed "
+           "argument (exit status 2).",
+           "Read `autoglm-kernel COMMAND --help`: every command lists its options and examples."),
+        _e(C.ERR_UNREACHABLE, "A CLI command could not reach the kernel's HTTP API (nothing "
+           "listens at the URL, or it did not answer in time).",
+           "Start the kernel, or point `--url` / `$KERNEL_URL` at it (default "
+           "http://127.0.0.1:8765).", True),
     )
 }
 del C

@@ -1,6 +1,11 @@
 """Logging: one JSON object per line (or readable text on a terminal), secrets redacted,
 and an event observer that turns run events into log lines with trace id, task, job, attempt,
-outcome, duration and error code."""
+outcome, duration and error code.
+
+When stderr is connected to the journal (``$JOURNAL_STREAM`` names its device and inode, as
+systemd sets it), every line starts with a syslog priority prefix (``<3>`` error, ``<4>``
+warning, ``<6>`` info, ``<7>`` debug) that journald strips and stores as the entry's priority,
+so ``journalctl -p err`` finds the errors; ``journalctl -o cat`` shows the bare JSON lines."""
 
 from __future__ import annotations
 
@@ -92,14 +97,63 @@ class TextFormatter(logging.Formatter):
         return self.redactor.redact(text) if record.exc_info else text
 
 
-def setup(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None) -> None:
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority of a logging level: 2 critical, 3 error, 4 warning, 6 info, 7 debug."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+class JournalPrefix(logging.Formatter):
+    """Wraps a formatter: ``<N>`` before every line of a record (a traceback in text mode spans
+    several lines, and journald reads the prefix per line)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return prefix + self.inner.format(record).replace("\n", "\n" + prefix)
+
+
+def is_journal(stream: IO[str], environ: dict[str, str] | None = None) -> bool:
+    """True when ``stream`` is the journal's stream socket: ``$JOURNAL_STREAM`` is
+    ``<device>:<inode>`` of the very file descriptor (systemd's own check; a child whose
+    stderr was redirected elsewhere inherits the variable but not the match)."""
+    env = os.environ if environ is None else environ
+    value = env.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # io.StringIO has no descriptor
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def setup(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None, *,
+          environ: dict[str, str] | None = None) -> str:
+    """Install the root handler on ``stream`` (stderr); returns the format chosen (``json`` or
+    ``text``: ``auto`` means text on a terminal, JSON lines otherwise)."""
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "text" if stream.isatty() else "json"
     redactor = Redactor()
     handler = logging.StreamHandler(stream)
     handler.addFilter(redactor)
-    handler.setFormatter(JsonFormatter(redactor) if fmt == "json" else TextFormatter(redactor))
+    formatter: logging.Formatter = (JsonFormatter(redactor) if fmt == "json"
+                                    else TextFormatter(redactor))
+    if is_journal(stream, environ):
+        formatter = JournalPrefix(formatter)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -107,6 +161,7 @@ def setup(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None)
     root.setLevel(level.upper())
     for noisy in ("aiosqlite", "asyncio", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    return fmt
 
 
 class EventLogger:

@@ -23,6 +23,7 @@ from .api.server import api_service, api_token
 from .app import Kernel, KernelParts
 from .clock import Clock, SystemClock
 from .config import Config
+from .discovery import Discovered
 from .errors import ConfigError, KernelError
 from .events import EventBus
 from .hookspecs import PluginContext
@@ -32,6 +33,7 @@ from .plugins import load as load_plugins
 from .store.base import Store
 from .store.memory import MemoryStore
 from .store.sqlite import SqliteStore
+from .systemd import Notifier, SystemdNotify, watchdog_seconds
 from .tui import run_inprocess
 from .validate import validate
 
@@ -86,14 +88,19 @@ def load_checked(config_path: Path | None, tasks_file: Path | None,
 
 async def serve(config_path: Path | None, tasks_file: Path | None, *,
                 log_format: str | None = None, tui: bool = False, port: int | None = None,
-                server: bool = True) -> int:
+                server: bool = True, discovered: Discovered | None = None,
+                notifier: Notifier | None = None) -> int:
+    """Run the kernel until SIGINT/SIGTERM. ``config_path`` None is the embedded demo config;
+    ``discovered`` says how the file was chosen (for the banner and the demo warning)."""
     plugins = plugin_set(config_mod.load(config_path, tasks_file=tasks_file))
     cfg = load_checked(config_path, tasks_file, plugins)
     if port is not None:
         cfg.server.port = port
     if not server:
         cfg.server.enabled = False
-    logs.setup(cfg.kernel.log_level, log_format or cfg.kernel.log_format)
+    fmt = logs.setup(cfg.kernel.log_level, log_format or cfg.kernel.log_format)
+    if discovered is not None and discovered.is_demo:
+        log.warning("%s", discovered.demo_warning())
     for p in plugins.problems:
         log.error("plugin %s: %s", p.plugin, p.message)
     metrics = KernelMetrics()
@@ -106,7 +113,13 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
         services.append(reloader.watch)
     if tui:
         services.append(run_inprocess)
+    started = asyncio.Event()
+    notifier = notifier if notifier is not None else Notifier.from_env()
+    sd = SystemdNotify(notifier, started, watchdog=watchdog_seconds(),
+                       wait_api=cfg.server.enabled)
+    services.append(sd)
     kernel = build(cfg, plugins=plugins, parts=KernelParts(services=services), metrics=metrics)
+    kernel.bus.subscribe(sd.observe)
     reloader.kernel = kernel
 
     loop = asyncio.get_running_loop()
@@ -122,14 +135,28 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
                     (signal.SIGHUP, on_hup)):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, fn)
-    print(f"Open-AutoGLM Kernel: config {cfg.source}", file=sys.stderr)
-    print(f"  data dir: {cfg.data_dir()}", file=sys.stderr)
-    store_desc = ("memory (nothing persists)" if cfg.store.backend == "memory"
-                  else str(cfg.store_path()))
-    print(f"  store:    {store_desc}", file=sys.stderr)
-    print("  stop with Ctrl-C (SIGINT) or SIGTERM; reload the config with SIGHUP", file=sys.stderr)
-    await kernel.run()
+    banner(cfg, discovered, fmt)
+    try:
+        await kernel.run(started=started)
+    finally:
+        notifier.close()
     return 0
+
+
+def banner(cfg: Config, discovered: Discovered | None, fmt: str) -> None:
+    """Where the config, data and store are: four plain lines on stderr in text mode; in JSON
+    mode one structured log record instead, so the JSON log stream stays one object a line."""
+    config = discovered.describe() if discovered is not None else cfg.source
+    store = ("memory (nothing persists)" if cfg.store.backend == "memory"
+             else str(cfg.store_path()))
+    if fmt == "json":
+        log.info("Open-AutoGLM Kernel: config %s; data dir: %s; store: %s", config, cfg.data_dir(),
+                 store)
+        return
+    print(f"Open-AutoGLM Kernel: config {config}", file=sys.stderr)
+    print(f"  data dir: {cfg.data_dir()}", file=sys.stderr)
+    print(f"  store:    {store}", file=sys.stderr)
+    print("  stop with Ctrl-C (SIGINT) or SIGTERM; reload the config with SIGHUP", file=sys.stderr)
 
 
 class ConfigReloader:

@@ -4,14 +4,24 @@ kernel started as a real process on the embedded default config and stopped with
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from kernel import discovery
 from kernel.cli import main
+
+from .kernel_process import run_until
+
+
+@pytest.fixture(autouse=True)
+def _no_config_on_this_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Config discovery must not find the developer's ~/.config or /etc files."""
+    monkeypatch.delenv("KERNEL_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(discovery, "SYSTEM_DIR", tmp_path / "etc")
 
 
 def test_cron_preview_prints_instants_with_offsets(capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,7 +85,7 @@ tz = "Europe/Nowhere"
 action = "exec"
 payload = { argv = [] }
 """)
-    assert main(["validate", "--config", str(cfg)]) == 1
+    assert main(["validate", "--config", str(cfg)]) == 78  # EX_CONFIG (issue 13; was 1)
     err = capsys.readouterr().err
     assert f"{cfg}: task 'a'.schedule" in err and "hour" in err and "0-23" in err
     assert "task 'b'.action" in err and "ERR_ACTION_NOT_FOUND" in err and "exec" in err
@@ -112,24 +122,10 @@ def test_plugins_lists_builtin_actions(capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.slow
 def test_kernel_runs_the_default_config_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
     env = {**os.environ, "KERNEL_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "kernel", "--port", "0", "--log-format", "json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    try:
-        assert p.stdout is not None
-        for line in p.stdout:  # the heartbeat task fires every 5 s: wait for its first run
-            lines.append(line)
-            if '"task_id": "heartbeat"' in line and "succeeded" in line:
-                break
-        p.send_signal(signal.SIGINT)
-        rest, _ = p.communicate(timeout=30)
-        lines.append(rest)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    text = "".join(lines)
-    assert p.returncode == 0, text
+    # the heartbeat task fires every 5 s: wait for its first run
+    rc, text = run_until(["--port", "0", "--log-format", "json"], env,
+                         lambda line: '"task_id": "heartbeat"' in line and "succeeded" in line)
+    assert rc == 0, text
     assert f"data dir: {tmp_path / 'data'}" in text
     assert "kernel stopping (SIGINT)" in text
     assert (tmp_path / "data" / "kernel.sqlite3").exists()
