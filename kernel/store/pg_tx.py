@@ -1,0 +1,507 @@
+"""The PostgreSQL store's write transactions: queue entries and how a batch of them is applied.
+
+:class:`Op` and its subclasses are the entries of the group-commit queue (as in
+:mod:`kernel.store.sqlite_tx`): each carries its arguments, encoded on the event loop when the
+call is made, and its future, settled after the commit. :func:`apply_batch` runs one batch as one
+transaction on the writer connection, applying runs of same-kind operations together, each run
+as a few array statements (``unnest``): one round trip per statement, whatever the batch size.
+
+Concurrency with other kernels. Every statement here is safe against writers on other
+connections at ``READ COMMITTED``: inserts use ``ON CONFLICT`` (a conflicting row being written
+elsewhere is waited for, then decided on its committed state), dedup keys are taken by one upsert
+whose ``WHERE`` re-checks expiry on the latest row, and owner-checked writes re-check ``owner``
+on the row they lock. A deadlock between two kernels' batches is possible in principle (two
+batches touching the same rows in different orders); the store retries the whole batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+import asyncpg
+import asyncpg.pool
+
+from kernel.errors import StoreError
+from kernel.records import Job, MisfireRecord, RunRecord, ScheduleState, SubmitResult
+from kernel.store import pg_schema as ps
+from kernel.store import schema
+from kernel.store.sqlite_tx import Op  # the group-commit queue entry: the same for both stores
+
+#: A connection: the writer's own, or one borrowed from the pool.
+Con = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+Row = tuple[Any, ...]
+
+_RUN_TYPES: Final = ("text", "text", "text", "text", "float8", "int4", "text", "bool", "bytea")
+_INSERT_RUNS: Final = (
+    "INSERT INTO runs (job_id, task_id, outcome, trace_id, finished_at, attempt, owner, "
+    "superseded, body) SELECT * FROM unnest("
+    + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_RUN_TYPES, start=1)) + ")"
+)
+_INSERT_JOBS: Final = (
+    f"INSERT INTO jobs ({', '.join(ps.JOB_COLUMNS)}) SELECT * FROM {ps.UNNEST_JOBS} "
+    "ON CONFLICT DO NOTHING RETURNING id"
+)
+_TAKE_KEYS: Final = (
+    "INSERT INTO dedup (key, job_id, expires_at, taken_at, body) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::bytea[]) "
+    "ON CONFLICT (key) DO UPDATE SET job_id = excluded.job_id, expires_at = excluded.expires_at, "
+    "taken_at = excluded.taken_at, body = excluded.body "
+    "WHERE dedup.expires_at IS NOT NULL AND dedup.expires_at <= excluded.taken_at "
+    "RETURNING key"
+)
+_RAISE_LAST: Final = (
+    "INSERT INTO schedule_state (task_id, last_scheduled_at) "
+    "SELECT * FROM unnest($1::text[], $2::float8[]) ON CONFLICT (task_id) DO UPDATE "
+    "SET last_scheduled_at = GREATEST(schedule_state.last_scheduled_at, "
+    "excluded.last_scheduled_at)"
+)
+_SET_STATE: Final = (
+    "INSERT INTO schedule_state (task_id, last_scheduled_at, paused, next_due_at) "
+    "VALUES ($1, $2, $3, $4) ON CONFLICT (task_id) DO UPDATE SET "
+    "last_scheduled_at = GREATEST(schedule_state.last_scheduled_at, excluded.last_scheduled_at), "
+    "paused = excluded.paused, next_due_at = excluded.next_due_at"
+)
+
+
+def run_row(run: RunRecord, owner: str | None = None, superseded: bool = False) -> Row:
+    return (
+        run.job_id, run.task_id, run.outcome.value, run.trace_id, run.finished_at, run.attempt,
+        owner, superseded, schema.encode(run),
+    )
+
+
+# -- queue entries ----------------------------------------------------------------------------
+
+
+class Submit(Op):
+    """``submit`` (``owner`` is None) or a submission claimed at insert by ``owner``."""
+
+    __slots__ = ("bodies", "claim_before", "jobs", "now", "owner", "weight")
+
+    def __init__(self, fut: asyncio.Future[Any], jobs: Sequence[Job], now: float,
+                 owner: str | None = None, claim_before: float | None = None) -> None:
+        super().__init__(fut)
+        self.jobs = list(jobs)
+        self.now = now
+        self.bodies = [schema.encode_job(job) for job in jobs]  # later mutations don't count
+        self.owner = owner
+        self.claim_before = claim_before
+        self.weight = len(jobs)
+
+    def owner_of(self, job: Job) -> str | None:
+        if self.owner is None or self.claim_before is None or job.due_at > self.claim_before:
+            return None
+        return self.owner
+
+
+class MarkRunning(Op):
+    __slots__ = ("args", "owner")
+
+    def __init__(self, fut: asyncio.Future[Any], args: tuple[str, float, int],
+                 owner: str | None = None) -> None:
+        super().__init__(fut)
+        self.args = args
+        self.owner = owner
+
+
+class Finish(Op):
+    __slots__ = ("attempt", "bodies", "follow_up", "job_id", "owner", "run", "run_rec")
+
+    def __init__(self, fut: asyncio.Future[Any], job_id: str, run: RunRecord,
+                 follow_up: Sequence[Job], owner: str | None = None) -> None:
+        super().__init__(fut)
+        self.job_id = job_id
+        self.run_rec = run
+        self.run = run_row(run, owner)
+        self.follow_up = list(follow_up)
+        self.bodies = [schema.encode_job(job) for job in follow_up]
+        self.owner = owner
+
+
+class Cancel(Op):
+    __slots__ = ("job_id", "run")
+
+    def __init__(self, fut: asyncio.Future[Any], job_id: str, run: RunRecord | None) -> None:
+        super().__init__(fut)
+        self.job_id = job_id
+        self.run = run_row(run) if run is not None else None
+
+
+class Call(Op):
+    """Anything else: a coroutine function of the writer connection, run inside the batch."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fut: asyncio.Future[Any], fn: Callable[[Con], Awaitable[Any]]) -> None:
+        super().__init__(fut)
+        self.fn = fn
+
+
+# -- inserting jobs by submit's rules ----------------------------------------------------------
+
+
+async def _jobs_by_id(con: Con, ids: Sequence[str]) -> dict[str, Job]:
+    if not ids:
+        return {}
+    rows = await con.fetch(f"SELECT id, {ps.JOB_FIELDS} FROM jobs WHERE id = ANY($1::text[])",
+                           list(ids))
+    return {r[0]: ps.decode_job(*r[1:]) for r in rows}
+
+
+async def _jobs_by_occurrence(con: Con, occ: Sequence[tuple[str, float]]
+                              ) -> dict[tuple[str, float], Job]:
+    if not occ:
+        return {}
+    rows = await con.fetch(
+        f"SELECT j.task_id, j.scheduled_at, {', '.join('j.' + f for f in ps.JOB_FIELDS.split(', '))}"
+        " FROM jobs j JOIN unnest($1::text[], $2::float8[]) AS u(t, s)"
+        " ON j.task_id = u.t AND j.scheduled_at = u.s WHERE j.kind = 'cron'",
+        [t for t, _ in occ], [s for _, s in occ],
+    )
+    return {(r[0], r[1]): ps.decode_job(*r[2:]) for r in rows}
+
+
+def _occurrence(job: Job) -> tuple[str, float] | None:
+    if schema.is_occurrence(job) and job.task_id is not None and job.scheduled_at is not None:
+        return (job.task_id, job.scheduled_at)
+    return None
+
+
+async def insert_jobs(
+    con: Con,
+    jobs: Sequence[Job],
+    bodies: Sequence[bytes],
+    now_of: Callable[[int], float],
+    owner_of: Callable[[int], str | None] = lambda i: None,
+) -> list[SubmitResult]:
+    """Store ``jobs`` by ``Store.submit``'s rules, inside the caller's transaction.
+
+    ``now_of(i)`` is "now" for ``jobs[i]`` (dedup expiry), ``owner_of(i)`` the kernel that
+    claims it at insert (``None``: unclaimed).
+    """
+    n = len(jobs)
+    results: list[SubmitResult | None] = [None] * n
+    same_as: list[tuple[int, int]] = []  # (i, w): job i lost its dedup key to job w of the batch
+    claimed: dict[str, int] = {}  # dedup key -> index of the job of this batch that takes it
+    todo: list[int] = []
+    for i, job in enumerate(jobs):
+        key = job.dedup_key
+        if key is None:
+            todo.append(i)
+        elif key in claimed:
+            same_as.append((i, claimed[key]))
+        else:
+            claimed[key] = i
+            todo.append(i)
+    if claimed:
+        # Take the keys first (sorted: two kernels lock them in the same order). A key held by
+        # a live job stays as it is and is not returned.
+        order = sorted(claimed)
+        won = {r[0] for r in await con.fetch(
+            _TAKE_KEYS, order, [jobs[claimed[k]].id for k in order],
+            [jobs[claimed[k]].dedup_expires_at for k in order],
+            [now_of(claimed[k]) for k in order], [bodies[claimed[k]] for k in order],
+        )}
+        lost = [k for k in order if k not in won]
+        if lost:
+            held = {r[0]: (r[1], r[2]) for r in await con.fetch(
+                "SELECT key, job_id, body FROM dedup WHERE key = ANY($1::text[])", lost)}
+            current = await _jobs_by_id(con, [jid for jid, _ in held.values()])
+            for k in lost:
+                jid, body = held[k]
+                found = current.get(jid) or ps.decode_snapshot(body)
+                results[claimed[k]] = SubmitResult(job=found, existed=True)
+                del claimed[k]
+            todo = [i for i in todo if results[i] is None]
+
+    # Candidates: the first job of the batch with each id and each cron occurrence.
+    seen_ids: set[str] = set()
+    seen_occ: set[tuple[str, float]] = set()
+    cand: list[int] = []
+    later: list[int] = []
+    for i in todo:
+        job = jobs[i]
+        occ = _occurrence(job)
+        if job.id in seen_ids or (occ is not None and occ in seen_occ):
+            later.append(i)
+            continue
+        seen_ids.add(job.id)
+        if occ is not None:
+            seen_occ.add(occ)
+        cand.append(i)
+    inserted: set[str] = set()
+    if cand:
+        rows = [ps.job_row(jobs[i], bodies[i], owner_of(i)) for i in cand]
+        cols = ps.columns(rows, len(ps.JOB_COLUMNS))
+        inserted = {r[0] for r in await con.fetch(_INSERT_JOBS, *cols)}
+    missing = [i for i in cand if jobs[i].id not in inserted] + later
+    for i in cand:
+        if jobs[i].id in inserted:
+            results[i] = SubmitResult(job=jobs[i])
+    if missing:  # an id or occurrence already stored: the stored job answers
+        by_id = await _jobs_by_id(con, [jobs[i].id for i in missing])
+        occs = [o for i in missing if jobs[i].id not in by_id and (o := _occurrence(jobs[i]))]
+        by_occ = await _jobs_by_occurrence(con, occs)
+        for i in missing:
+            job = jobs[i]
+            other = by_id.get(job.id)
+            if other is None and (o := _occurrence(job)) is not None:
+                other = by_occ.get(o)
+            if other is None:
+                raise StoreError(f"job {job.id!r} was neither stored nor found in the store")
+            results[i] = SubmitResult(job=other, existed=True)
+
+    for i, w in same_as:
+        r = results[w]
+        assert r is not None
+        copy = schema.decode_job(r.job.state, r.job.attempt, r.job.started_at,
+                                 schema.encode(r.job))
+        results[i] = SubmitResult(job=copy, existed=True)
+    # A key taken by a job that turned out to exist already points at the stored job.
+    repoint = [(k, r.job) for k, i in claimed.items() if (r := results[i]) is not None
+               and r.existed]
+    if repoint:
+        await con.execute(
+            "UPDATE dedup d SET job_id = u.j, body = u.b FROM unnest($1::text[], $2::text[], "
+            "$3::bytea[]) AS u(k, j, b) WHERE d.key = u.k",
+            [k for k, _ in repoint], [j.id for _, j in repoint],
+            [schema.encode(j) for _, j in repoint],
+        )
+    latest: dict[str, float] = {}
+    for i in cand:
+        job = jobs[i]
+        if job.id in inserted and (o := _occurrence(job)) is not None:
+            latest[o[0]] = max(latest.get(o[0], o[1]), o[1])
+    if latest:
+        tasks = sorted(latest)
+        await con.execute(_RAISE_LAST, tasks, [latest[t] for t in tasks])
+    return [r for r in results if r is not None]
+
+
+async def insert_runs(con: Con, rows: Sequence[Row]) -> None:
+    if rows:
+        await con.execute(_INSERT_RUNS, *ps.columns(list(rows), len(_RUN_TYPES)))
+
+
+# -- batched application of each kind of operation ---------------------------------------------
+
+
+async def _submits(con: Con, ops: Sequence[Op]) -> None:
+    subs = [op for op in ops if isinstance(op, Submit)]
+    jobs = [job for op in subs for job in op.jobs]
+    nows = [op.now for op in subs for _ in op.jobs]
+    claimers = sorted({op.owner for op in subs if op.owner is not None})
+    alive: set[str] = set()
+    if claimers:  # a kernel fenced out (rescued) claims nothing; the lock holds off a rescue
+        alive = {r[0] for r in await con.fetch(
+            "SELECT id FROM kernels WHERE id = ANY($1::text[]) ORDER BY id FOR KEY SHARE",
+            claimers)}
+    owners = [op.owner_of(job) if op.owner in alive else None for op in subs for job in op.jobs]
+    results = await insert_jobs(
+        con, jobs, [b for op in subs for b in op.bodies], nows.__getitem__, owners.__getitem__
+    )
+    at = 0
+    for op in subs:
+        mine = results[at : at + len(op.jobs)]
+        if op.owner is None:
+            op.result = mine
+        else:
+            op.result = (mine, [not r.existed and owners[at + k] is not None
+                                for k, r in enumerate(mine)])
+        at += len(op.jobs)
+
+
+async def _mark_running(con: Con, ops: Sequence[Op]) -> None:
+    marks = [op for op in ops if isinstance(op, MarkRunning)]
+    plain = {op.args[0]: op.args for op in marks if op.owner is None}  # the last one counts
+    if plain:
+        args = list(plain.values())
+        await con.execute(
+            "UPDATE jobs j SET state = 'running', started_at = u.s, attempt = u.a "
+            "FROM unnest($1::text[], $2::float8[], $3::int4[]) AS u(id, s, a) WHERE j.id = u.id",
+            [a[0] for a in args], [a[1] for a in args], [a[2] for a in args],
+        )
+    owned = [op for op in marks if op.owner is not None]
+    if owned:
+        last = {op.args[0]: op for op in owned}
+        rows = await con.fetch(
+            "UPDATE jobs j SET state = 'running', started_at = u.s, attempt = u.a "
+            "FROM unnest($1::text[], $2::text[], $3::float8[], $4::int4[]) AS u(id, o, s, a) "
+            "WHERE j.id = u.id AND j.owner = u.o RETURNING j.id",
+            list(last), [op.owner for op in last.values()],
+            [op.args[1] for op in last.values()], [op.args[2] for op in last.values()],
+        )
+        ok = {r[0] for r in rows}
+        for op in owned:
+            op.result = op.args[0] in ok
+
+
+async def _finishes(con: Con, ops: Sequence[Op]) -> None:
+    fins = [op for op in ops if isinstance(op, Finish)]
+    plain = [op for op in fins if op.owner is None]
+    owned = [op for op in fins if op.owner is not None]
+    keep: list[Finish] = list(plain)
+    lost: set[str] = set()
+    if plain:
+        await con.execute("DELETE FROM jobs WHERE id = ANY($1::text[])",
+                          [op.job_id for op in plain])
+    if owned:
+        gone = {r[0] for r in await con.fetch(
+            "DELETE FROM jobs j USING unnest($1::text[], $2::text[]) AS u(id, o) "
+            "WHERE j.id = u.id AND j.owner = u.o RETURNING j.id",
+            [op.job_id for op in owned], [op.owner for op in owned],
+        )}
+        rest = [op for op in owned if op.job_id not in gone]
+        if rest:
+            # Still stored under another owner (rescued, maybe claimed again) or gone after a
+            # later attempt finished elsewhere: this attempt was superseded.
+            lost = {r[0] for r in await con.fetch(
+                "SELECT u.id FROM unnest($1::text[], $2::int4[]) AS u(id, a) "
+                "WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = u.id) "
+                "OR EXISTS (SELECT 1 FROM runs r WHERE r.job_id = u.id AND r.attempt > u.a "
+                "AND NOT r.superseded)",
+                [op.job_id for op in rest], [op.run_rec.attempt for op in rest],
+            )}
+        for op in owned:
+            op.result = op.job_id not in lost
+            if op.result:
+                keep.append(op)
+    await insert_runs(con, [
+        run_row(op.run_rec, op.owner, superseded=True) if op.job_id in lost else op.run
+        for op in fins
+    ])
+    follow = [(op, job, body) for op in keep for job, body in zip(op.follow_up, op.bodies,
+                                                                  strict=True)]
+    if follow:
+        nows = [op.run_rec.finished_at for op, _, _ in follow]
+        await insert_jobs(con, [j for _, j, _ in follow], [b for _, _, b in follow],
+                          nows.__getitem__)
+
+
+async def _cancels(con: Con, ops: Sequence[Op]) -> None:
+    cans = [op for op in ops if isinstance(op, Cancel)]
+    rows = await con.fetch(
+        f"DELETE FROM jobs WHERE id = ANY($1::text[]) RETURNING id, {ps.JOB_FIELDS}",
+        [op.job_id for op in cans],
+    )
+    found = {r[0]: ps.decode_job(*r[1:]) for r in rows}
+    runs: list[Row] = []
+    for op in cans:
+        op.result = found.pop(op.job_id, None)
+        if op.result is not None and op.run is not None:
+            runs.append(op.run)
+    await insert_runs(con, runs)
+
+
+async def _calls(con: Con, ops: Sequence[Op]) -> None:
+    for op in ops:
+        if isinstance(op, Call):
+            op.result = await op.fn(con)
+
+
+_APPLY: Final[dict[type[Op], Callable[[Con, Sequence[Op]], Awaitable[None]]]] = {
+    Submit: _submits,
+    MarkRunning: _mark_running,
+    Finish: _finishes,
+    Cancel: _cancels,
+    Call: _calls,
+}
+
+
+async def apply_batch(con: Con, batch: Sequence[Op]) -> None:
+    """Apply ``batch`` in one transaction, in order; raise (rolled back) if anything fails."""
+    async with con.transaction():
+        i = 0
+        while i < len(batch):
+            kind = type(batch[i])
+            j = i + 1
+            while j < len(batch) and type(batch[j]) is kind:
+                j += 1
+            await _APPLY[kind](con, batch[i:j])
+            i = j
+
+
+# -- the other writes, as functions for Call ---------------------------------------------------
+
+
+def set_schedule_state(state: ScheduleState) -> Callable[[Con], Awaitable[None]]:
+    async def step(con: Con) -> None:
+        await con.execute(_SET_STATE, state.task_id, state.last_scheduled_at, state.paused,
+                          state.next_due_at)
+
+    return step
+
+
+def record_misfire(rec: MisfireRecord) -> Callable[[Con], Awaitable[None]]:
+    body = schema.encode(rec)
+
+    async def step(con: Con) -> None:
+        await con.execute("INSERT INTO misfires (task_id, decided_at, body) VALUES ($1, $2, $3)",
+                          rec.task_id, rec.decided_at, body)
+
+    return step
+
+
+def _count(status: str) -> int:
+    """The row count of a command tag such as ``DELETE 12``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+_OLDEST = ("DELETE FROM runs WHERE seq IN (SELECT seq FROM runs {} ORDER BY finished_at, seq "
+           "LIMIT $1)")
+_PURGE_GATE = f"SELECT pg_try_advisory_xact_lock({ps.PURGE_LOCK})"
+
+
+def prune_older(cutoff: float, batch: int) -> Callable[[Con], Awaitable[int]]:
+    """Delete up to ``batch`` runs finished before ``cutoff``; the number deleted.
+
+    Each purge transaction first takes the purge advisory lock; if another kernel holds it,
+    nothing is deleted (0: that kernel is purging).
+    """
+    sql = _OLDEST.format("WHERE finished_at < $2")
+
+    async def step(con: Con) -> int:
+        if not await con.fetchval(_PURGE_GATE):
+            return 0
+        return _count(await con.execute(sql, batch, cutoff))
+
+    return step
+
+
+def prune_beyond(keep: int, batch: int) -> Callable[[Con], Awaitable[int]]:
+    sql = _OLDEST.format("")
+
+    async def step(con: Con) -> int:
+        if not await con.fetchval(_PURGE_GATE):
+            return 0
+        excess = int(await con.fetchval("SELECT count(*) FROM runs")) - keep
+        return _count(await con.execute(sql, min(excess, batch))) if excess > 0 else 0
+
+    return step
+
+
+def purge_dedup(now: float, batch: int) -> Callable[[Con], Awaitable[int]]:
+    sql = ("DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE expires_at <= $1 "
+           "LIMIT $2)")
+
+    async def step(con: Con) -> int:
+        if not await con.fetchval(_PURGE_GATE):
+            return 0
+        return _count(await con.execute(sql, now, batch))
+
+    return step
+
+
+__all__ = [
+    "Call",
+    "Cancel",
+    "Finish",
+    "MarkRunning",
+    "Op",
+    "Submit",
+    "apply_batch",
+    "insert_jobs",
+    "insert_runs",
+]

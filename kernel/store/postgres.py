@@ -1,0 +1,660 @@
+"""The PostgreSQL store: several kernels share one database (the fleet), writes group-committed.
+
+Connections. One *writer* connection belongs to the writer task: each group commit is one
+transaction of a few array statements on it. Reads and fleet operations (claims, heartbeats,
+rescue, cron firing) go through a small asyncpg pool, so a claim never waits behind a batch of
+submissions and a read never sees a batch half written. :meth:`load_pending` reads one
+``REPEATABLE READ`` snapshot through a server-side cursor. asyncpg prepares every statement once
+per connection and caches it, so the hot statements are planned once.
+
+Group commit. As in :mod:`kernel.store.sqlite`: every contract write appends an operation and a
+future to one queue; the writer takes everything queued (up to ``max_batch`` jobs) and applies
+it as one transaction (:func:`kernel.store.pg_tx.apply_batch`), resolving the futures only after
+``COMMIT``. Rows go in by ``INSERT ... SELECT FROM unnest($arrays) ON CONFLICT DO NOTHING``: one
+statement per kind of operation per batch, whatever its size. A batch that deadlocks with
+another kernel's (or fails to serialize) is retried whole; a lost connection is reopened for the
+next batch. If the commit fails, every operation in it gets the translated error.
+
+Durability is PostgreSQL's: a write returns after ``COMMIT`` (``synchronous_commit`` as the
+server is configured, ``on`` by default: flushed to its WAL).
+
+Errors. asyncpg and socket errors are translated here (:func:`translate`) into
+:class:`~kernel.errors.StoreError` subclasses whose message names the server (the DSN without
+its password) and the schema.
+
+The fleet API beyond the contract (``register_kernel``, ``heartbeat``, ``claim_due``,
+``submit_claimed``, ``mark_running_owned``, ``finish_owned``, ``release``, ``rescue_expired``,
+``expire_kernel``, ``fire``, ...) is documented on each method; ``docs/FLEET.md`` explains how a
+kernel uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from kernel.errors import (
+    KernelError,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreLocked,
+    StoreReadOnly,
+)
+from kernel.records import (
+    Job,
+    JobState,
+    MisfireRecord,
+    RunQuery,
+    RunRecord,
+    ScheduleState,
+    SubmitResult,
+)
+from kernel.store import pg_fleet as fleet
+from kernel.store import pg_schema as ps
+from kernel.store import pg_tx as tx
+from kernel.store import schema
+from kernel.store.base import Store
+from kernel.store.pg_fleet import KernelInfo, Rescue
+
+T = TypeVar("T")
+
+_RETRIES: Final = 5  # attempts of a batch that deadlocked or failed to serialize
+_RETRYABLE: Final = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_LOST: Final = (
+    asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError,
+    TimeoutError,
+)
+
+
+def redact(dsn: str) -> str:
+    """``dsn`` without its password, for messages."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparsable dsn>"
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.rsplit("@", 1)
+    user = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+
+
+def translate(exc: BaseException, where: str, doing: str) -> KernelError:
+    """The kernel error for an exception raised by asyncpg (or the socket) while ``doing``."""
+    if isinstance(exc, KernelError):
+        return exc
+    msg = f"{where}: {doing} failed: {exc}"
+    if isinstance(exc, asyncpg.DeadlockDetectedError | asyncpg.SerializationError
+                  | asyncpg.LockNotAvailableError):
+        return StoreLocked(f"{msg} (another kernel holds the rows; nothing was stored)")
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError | asyncpg.ReadOnlySQLTransactionError):
+        return StoreReadOnly(f"{msg}; the role may not write here, nothing was stored")
+    if isinstance(exc, asyncpg.DiskFullError | asyncpg.InsufficientResourcesError):
+        return StoreFull(f"{msg}; nothing of this write was stored")
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return StoreError(f"{msg} (create the database first, or fix [store] dsn)")
+    if isinstance(exc, asyncpg.InvalidPasswordError
+                  | asyncpg.InvalidAuthorizationSpecificationError):
+        return StoreError(f"{msg} (check the user and password of [store] dsn)")
+    if isinstance(exc, _LOST):
+        return StoreError(f"{where}: {doing} failed: cannot reach PostgreSQL: {exc!r}")
+    return StoreError(msg)
+
+
+def _copy(err: KernelError) -> KernelError:
+    new = type(err).__new__(type(err))
+    KernelError.__init__(new, err.message, code=err.code)
+    return new
+
+
+class PostgresStore(Store):
+    """A :class:`~kernel.store.base.Store` in a PostgreSQL database, shared by a fleet.
+
+    :param dsn: a libpq connection URI (``postgresql://user@host:5432/db``; a unix socket is
+        ``postgresql:///db?host=/run/postgresql``).
+    :param schema: the PostgreSQL schema (namespace) that holds the kernel's tables.
+    :param max_batch: the most jobs one group commit takes (one call is never split).
+    :param pool_size: connections for reads and fleet operations (plus one writer).
+    :param connect_timeout: seconds to wait for a connection.
+    :param command_timeout: seconds any one statement may take (``None``: no limit).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "kernel",
+        max_batch: int = 10_000,
+        pool_size: int = 4,
+        connect_timeout: float = 10.0,
+        command_timeout: float | None = 60.0,
+    ) -> None:
+        if not schema:
+            raise ValueError("schema must be a non-empty PostgreSQL schema name")
+        self.dsn = dsn
+        self.schema = schema
+        self.max_batch = max(1, max_batch)
+        self.pool_size = max(1, pool_size)
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.where = f"{redact(dsn)} (schema {schema})"
+        self._settings = {"search_path": ps.quote_ident(schema),
+                          "application_name": "open-autoglm-kernel"}
+        self._w: asyncpg.Connection | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._queue: list[tx.Op] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open = False
+        self._closing = False
+        self._last_error: str | None = None
+        self._version = 0
+        self.batches = 0
+        self.batched_ops = 0
+        self.retried_batches = 0
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closed"
+        return f"PostgresStore({self.where!r}, {state})"
+
+    # -- connections ------------------------------------------------------------------------
+
+    async def _connect(self) -> asyncpg.Connection:
+        try:
+            con: asyncpg.Connection = await asyncpg.connect(
+                self.dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout,
+                server_settings=self._settings,
+            )
+        except (asyncpg.PostgresError, *_LOST) as e:
+            raise translate(e, self.where, "connecting") from None
+        return con
+
+    async def _writer_con(self) -> asyncpg.Connection:
+        if self._w is None or self._w.is_closed():
+            self._w = await self._connect()
+        return self._w
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._open:
+            return
+        self._closing = False
+        con = await self._connect()
+        try:
+            self._version = await self._migrate(con)
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=self.pool_size, timeout=self.connect_timeout,
+                command_timeout=self.command_timeout, server_settings=self._settings,
+            )
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                await con.close()
+            if isinstance(e, asyncpg.PostgresError | asyncpg.InterfaceError | OSError
+                          | TimeoutError):
+                raise translate(e, self.where, "opening the store") from None
+            raise
+        self._w = con
+        self._open = True
+        self._loop = asyncio.get_running_loop()
+        self._writer = self._loop.create_task(self._run_writer(),
+                                              name=f"store-writer:{self.where}")
+
+    async def _migrate(self, con: asyncpg.Connection) -> int:
+        async with con.transaction():
+            await con.execute(f"SELECT pg_advisory_xact_lock({ps.MIGRATION_LOCK})")
+            tables = {r[0] for r in await con.fetch(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v')", self.schema)}
+            if tables and "schema_version" not in tables:
+                raise StoreCorrupt(
+                    f"{self.where}: the schema holds tables of another application "
+                    f"({', '.join(sorted(tables)[:5])}); nothing was changed. Point [store] "
+                    "schema at a schema of its own."
+                )
+            if not tables:
+                await con.execute(f"CREATE SCHEMA IF NOT EXISTS {ps.quote_ident(self.schema)}")
+            await con.execute(ps.VERSION_TABLE)
+            version = int(await con.fetchval(
+                "SELECT coalesce(max(version), 0) FROM schema_version"))
+            for v, statements in ps.migration_plan(self.where, version):
+                for sql in statements:
+                    await con.execute(sql)
+                await con.execute("INSERT INTO schema_version (version) VALUES ($1)", v)
+        return ps.LATEST_VERSION
+
+    async def close(self) -> None:
+        if not self._open:
+            return
+        self._closing = True
+        self._wake.set()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            if not writer.done():
+                await writer  # drains the queue: every pending write is committed or failed
+            elif not writer.cancelled() and writer.exception() is not None:
+                self._last_error = f"the writer task failed: {writer.exception()!r}"
+        self._open = False
+        try:
+            if self._pool is not None:
+                await self._pool.close()
+            if self._w is not None:
+                await self._w.close()
+        except (asyncpg.PostgresError, *_LOST) as e:
+            self._last_error = translate(e, self.where, "closing").message
+        finally:
+            self._pool = None
+            self._w = None
+
+    # -- the writer -------------------------------------------------------------------------
+
+    async def _run_writer(self) -> None:
+        queue = self._queue
+        try:
+            while True:
+                if not queue:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    await asyncio.sleep(0)  # let coroutines that are already runnable join
+                    continue
+                size = taken = 0
+                for op in queue:
+                    size += op.weight
+                    taken += 1
+                    if size >= self.max_batch:
+                        break
+                batch = queue[:taken]
+                del queue[:taken]
+                await self._commit(batch)
+        finally:  # cancelled (an event loop torn down with the store open): nobody hangs
+            for op in queue:
+                op.fail(StoreError(f"{self.where}: the store's writer stopped; not stored"))
+            queue.clear()
+
+    async def _commit(self, batch: list[tx.Op]) -> None:
+        error: BaseException | None = None
+        try:
+            for attempt in range(_RETRIES):
+                try:
+                    con = await self._writer_con()
+                    await tx.apply_batch(con, batch)
+                    error = None
+                    break
+                except _RETRYABLE as e:
+                    error = e
+                    self.retried_batches += 1
+                    await asyncio.sleep(0.001 * (attempt + 1))
+                except Exception as e:
+                    error = e
+                    if isinstance(e, _LOST) and self._w is not None:
+                        with contextlib.suppress(Exception):
+                            self._w.terminate()
+                        self._w = None
+                    break
+        except asyncio.CancelledError:
+            for op in batch:  # the COMMIT may or may not have happened
+                op.fail(StoreError(f"{self.where}: the store's writer was cancelled during a "
+                                   "commit; the write may or may not be stored"))
+            raise
+        if error is None:
+            self._last_error = None
+            self.batches += 1
+            self.batched_ops += len(batch)
+            for op in batch:
+                op.settle()
+        else:
+            err = translate(error, self.where, f"writing a batch of {len(batch)} operations")
+            self._last_error = err.message
+            for op in batch:
+                op.fail(_copy(err))
+
+    def _enqueue(self, op: tx.Op) -> asyncio.Future[Any]:
+        if not self._open or self._closing:
+            raise StoreError(f"{self.where}: the store is not open")
+        if self._writer is None or self._writer.done():
+            raise StoreError(f"{self.where}: the store's writer task has stopped")
+        self._queue.append(op)
+        if not self._wake.is_set():
+            self._wake.set()
+        return op.fut
+
+    def _future(self) -> asyncio.Future[Any]:
+        if self._loop is None or not self._open:
+            raise StoreError(f"{self.where}: the store is not open")
+        return self._loop.create_future()
+
+    # -- contract writes --------------------------------------------------------------------
+
+    async def submit(self, jobs: Sequence[Job], now: float) -> list[SubmitResult]:
+        if not jobs:
+            return []
+        result: list[SubmitResult] = await self._enqueue(tx.Submit(self._future(), jobs, now))
+        return result
+
+    async def mark_running(self, job_id: str, started_at: float, attempt: int) -> None:
+        await self._enqueue(tx.MarkRunning(self._future(), (job_id, started_at, attempt)))
+
+    async def finish(self, job_id: str, run: RunRecord, follow_up: Sequence[Job] = ()) -> None:
+        await self._enqueue(tx.Finish(self._future(), job_id, run, follow_up))
+
+    async def cancel(self, job_id: str, run: RunRecord | None = None) -> Job | None:
+        job: Job | None = await self._enqueue(tx.Cancel(self._future(), job_id, run))
+        return job
+
+    async def _call(self, fn: Callable[[tx.Con], Awaitable[T]]) -> T:
+        result: T = await self._enqueue(tx.Call(self._future(), fn))
+        return result
+
+    async def set_schedule_state(self, state: ScheduleState) -> None:
+        await self._call(tx.set_schedule_state(state))
+
+    async def record_misfire(self, rec: MisfireRecord) -> None:
+        await self._call(tx.record_misfire(rec))
+
+    async def _batches(self, step: Callable[[tx.Con], Awaitable[int]],
+                       batch: int) -> int:
+        total = 0
+        while True:
+            n = await self._call(step)
+            total += n
+            if n < batch:
+                return total
+
+    async def prune_history(
+        self,
+        now: float,
+        *,
+        max_rows: int | None,
+        max_age: float | None,
+        batch: int = 5000,
+    ) -> int:
+        """As the contract says; while another kernel of the fleet purges, this one deletes
+        nothing (one purger at a time, by an advisory lock)."""
+        batch = max(1, batch)
+        total = 0
+        if max_age is not None:
+            total += await self._batches(tx.prune_older(now - max_age, batch), batch)
+        if max_rows is not None:
+            total += await self._batches(tx.prune_beyond(max(0, max_rows), batch), batch)
+        return total
+
+    async def purge_dedup(self, now: float, batch: int = 5000) -> int:
+        batch = max(1, batch)
+        return await self._batches(tx.purge_dedup(now, batch), batch)
+
+    # -- reads and fleet operations on the pool ---------------------------------------------
+
+    async def _on_pool(self, fn: Callable[[tx.Con], Awaitable[T]],
+                       doing: str) -> T:
+        pool = self._pool
+        if pool is None or not self._open:
+            raise StoreError(f"{self.where}: the store is not open")
+        for attempt in range(_RETRIES):
+            try:
+                async with pool.acquire() as con:
+                    return await fn(con)
+            except _RETRYABLE as e:
+                if attempt == _RETRIES - 1:
+                    raise translate(e, self.where, doing) from None
+                await asyncio.sleep(0.001 * (attempt + 1))
+            except (asyncpg.PostgresError, *_LOST) as e:
+                raise translate(e, self.where, doing) from None
+        raise AssertionError("unreachable")
+
+    async def _read(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async def q(con: tx.Con) -> list[asyncpg.Record]:
+            return list(await con.fetch(sql, *args))
+
+        return await self._on_pool(q, "reading")
+
+    async def get_job(self, job_id: str) -> Job | None:
+        rows = await self._read(f"SELECT {ps.JOB_FIELDS} FROM jobs WHERE id = $1", job_id)
+        return ps.decode_job(*rows[0]) if rows else None
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        rows = await self._read(f"SELECT id, {ps.JOB_FIELDS} FROM jobs WHERE id = ANY($1::text[])",
+                                list(dict.fromkeys(job_ids)))
+        found = {r[0]: r for r in rows}
+        return [ps.decode_job(*found[i][1:]) for i in job_ids if i in found]
+
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        task_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Job]:
+        where: list[str] = []
+        args: list[Any] = [max(limit, 0), max(offset, 0)]
+        if state is not None:
+            where.append(f"state = '{JobState(state).value}'")  # a literal: partial index
+        if task_id is not None:
+            args.append(task_id)
+            where.append(f"task_id = ${len(args)}")
+        cond = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._read(
+            f"SELECT {ps.JOB_FIELDS} FROM jobs {cond} ORDER BY due_at, seq LIMIT $1 OFFSET $2",
+            *args,
+        )
+        return [ps.decode_job(*r) for r in rows]
+
+    async def count_jobs(self) -> int:
+        return int((await self._read("SELECT count(*) FROM jobs"))[0][0])
+
+    async def load_pending(self, batch: int = 10_000) -> AsyncIterator[list[Job]]:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        pool = self._pool
+        if pool is None or not self._open:
+            raise StoreError(f"{self.where}: the store is not open")
+        decode = ps.decode_job
+        try:
+            async with pool.acquire() as con, con.transaction(
+                isolation="repeatable_read", readonly=True
+            ):
+                cur = await con.cursor(
+                    f"SELECT {ps.JOB_FIELDS} FROM jobs ORDER BY due_at, seq")
+                while rows := await cur.fetch(batch):
+                    yield [decode(*r) for r in rows]
+        except (asyncpg.PostgresError, *_LOST) as e:
+            raise translate(e, self.where, "loading stored jobs") from None
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        rows = await self._read(
+            "SELECT task_id, last_scheduled_at, paused, next_due_at FROM schedule_state")
+        return {
+            t: ScheduleState(task_id=t, last_scheduled_at=last, paused=p, next_due_at=nxt)
+            for t, last, p, nxt in rows
+        }
+
+    async def misfires(self, task_id: str | None = None, limit: int = 100) -> list[MisfireRecord]:
+        if task_id is None:
+            rows = await self._read(
+                "SELECT body FROM misfires ORDER BY decided_at DESC, seq DESC LIMIT $1",
+                max(limit, 0))
+        else:
+            rows = await self._read(
+                "SELECT body FROM misfires WHERE task_id = $2 "
+                "ORDER BY decided_at DESC, seq DESC LIMIT $1", max(limit, 0), task_id)
+        return [schema.decode_misfire(r[0]) for r in rows]
+
+    async def query_runs(self, q: RunQuery) -> list[RunRecord]:
+        """As the contract says; superseded attempts are not part of it (see
+        :meth:`superseded_runs`)."""
+        where = ["NOT superseded"]
+        args: list[Any] = [max(q.limit, 0), max(q.offset, 0)]
+        for cond, value in (
+            ("task_id = ${}", q.task_id),
+            ("outcome = ${}", q.outcome.value if q.outcome is not None else None),
+            ("trace_id = ${}", q.trace_id),
+            ("finished_at >= ${}", q.since),
+            ("finished_at < ${}", q.until),
+        ):
+            if value is not None:
+                args.append(value)
+                where.append(cond.format(len(args)))
+        rows = await self._read(
+            f"SELECT body FROM runs WHERE {' AND '.join(where)} "
+            "ORDER BY finished_at DESC, seq DESC LIMIT $1 OFFSET $2", *args)
+        return [schema.decode_run(r[0]) for r in rows]
+
+    async def health(self) -> dict[str, object]:
+        info: dict[str, object] = {
+            "ok": False,
+            "path": self.where,
+            "error": self._last_error,
+            "pending": -1,
+            "running": -1,
+            "backend": "postgres",
+            "schema": self.schema,
+            "schema_version": self._version,
+            "queued_writes": len(self._queue),
+            "batches": self.batches,
+            "batched_ops": self.batched_ops,
+            "retried_batches": self.retried_batches,
+        }
+        if not self._open:
+            info["error"] = "not open"
+            return info
+        if self._writer is None or self._writer.done():
+            info["error"] = "the writer task has stopped"
+            return info
+        try:
+            [row] = await self._read(
+                "SELECT count(*), count(*) FILTER (WHERE state = 'running'), "
+                "(SELECT count(*) FROM kernels) FROM jobs")
+        except StoreError as e:
+            info["error"] = e.message
+            return info
+        total, running, kernels = row
+        info.update(pending=total - running, running=running, kernels=kernels,
+                    ok=self._last_error is None)
+        return info
+
+    # -- the fleet ----------------------------------------------------------------------------
+
+    async def register_kernel(self, kernel_id: str, host: str, pid: int, now: float) -> None:
+        """Add a live kernel row (a fresh id per process start), heartbeat ``now``."""
+        await self._on_pool(lambda c: fleet.register(c, kernel_id, host, pid, now),
+                            "registering the kernel")
+
+    async def heartbeat(self, kernel_id: str, now: float) -> bool:
+        """Renew the heartbeat. ``False``: this kernel was declared dead and its jobs rescued;
+        it must stop starting work (self-fencing) and register again under a fresh id."""
+        return await self._on_pool(lambda c: fleet.heartbeat(c, kernel_id, now), "heartbeat")
+
+    async def kernels(self) -> list[KernelInfo]:
+        """Every registered kernel, oldest first (for the TUI and ``/snapshot``)."""
+        return await self._on_pool(fleet.kernels, "listing kernels")
+
+    async def expire_kernel(self, kernel_id: str) -> Rescue:
+        """Deregister ``kernel_id`` and return its jobs to pending now (an orderly stop, or a
+        restart on the same box taking back its predecessor's jobs without waiting the TTL)."""
+        return await self._on_pool(lambda c: fleet.expire_kernel(c, kernel_id),
+                                   "expiring a kernel")
+
+    async def rescue_expired(self, now: float, ttl: float) -> Rescue:
+        """Any kernel may call this: kernels whose heartbeat is older than ``now - ttl`` are
+        deleted and their jobs returned to pending (attempt raised and ``recovered`` set for
+        the ones that had started)."""
+        return await self._on_pool(lambda c: fleet.rescue_expired(c, now, ttl),
+                                   "rescuing expired kernels")
+
+    async def claim_due(self, owner: str, now: float, horizon: float, limit: int, *,
+                        max_gpu_memory_mb: int | None = None) -> list[Job]:
+        """Claim up to ``limit`` unclaimed pending jobs due by ``now + horizon`` for ``owner``
+        (``FOR UPDATE SKIP LOCKED``: concurrent claimers never wait for or take the same job),
+        in due order. ``max_gpu_memory_mb`` skips jobs declaring more GPU memory than the box
+        has. Empty if ``owner`` is not registered (fenced)."""
+        if limit < 1:
+            return []
+        return await self._on_pool(
+            lambda c: fleet.claim_due(c, owner, now, horizon, limit, max_gpu_memory_mb),
+            "claiming jobs")
+
+    async def release(self, owner: str, job_ids: Sequence[str]) -> int:
+        """Give back claimed jobs that have not started (e.g. a GPU job this box cannot
+        admit soon) so that another kernel claims them; the number released."""
+        return await self._on_pool(lambda c: fleet.release(c, owner, job_ids),
+                                   "releasing jobs")
+
+    async def submit_claimed(self, jobs: Sequence[Job], now: float, owner: str,
+                             claim_before: float) -> tuple[list[SubmitResult], list[bool]]:
+        """:meth:`submit`, claiming for ``owner`` at insert the new jobs due by
+        ``claim_before`` (no claim round trip for work this kernel runs soon). The second
+        list says, per job, whether it is now owned by ``owner``."""
+        if not jobs:
+            return [], []
+        result: tuple[list[SubmitResult], list[bool]] = await self._enqueue(
+            tx.Submit(self._future(), jobs, now, owner, claim_before))
+        return result
+
+    async def mark_running_owned(self, owner: str, job_id: str, started_at: float,
+                                 attempt: int) -> bool:
+        """:meth:`mark_running` only if ``owner`` still owns the job; ``False`` otherwise (it
+        was rescued meanwhile: do not start it)."""
+        ok: bool = await self._enqueue(
+            tx.MarkRunning(self._future(), (job_id, started_at, attempt), owner))
+        return ok
+
+    async def finish_owned(self, owner: str, job_id: str, run: RunRecord,
+                           follow_up: Sequence[Job] = ()) -> bool:
+        """:meth:`finish` for a job ``owner`` claimed. If the job was rescued meanwhile (it
+        is stored under another owner or none, or a later attempt already finished), the run
+        is recorded as superseded, the job is left alone and ``follow_up`` is dropped:
+        ``False``. A job no longer stored otherwise (cancelled) finishes as usual."""
+        ok: bool = await self._enqueue(tx.Finish(self._future(), job_id, run, follow_up, owner))
+        return ok
+
+    async def fire(self, jobs: Sequence[Job], now: float, *, owner: str | None = None,
+                   claim_before: float | None = None) -> list[bool]:
+        """Fire cron occurrences once fleet-wide: per job, whether this call won its
+        (task, instant) (then its job is stored, claimed by ``owner`` if due by
+        ``claim_before``). Occurrences stay recorded after their job finished, until
+        :meth:`purge_fired`. Raises ``ValueError`` for a job that is not an occurrence."""
+        if not jobs:
+            return []
+        return await self._on_pool(lambda c: fleet.fire(c, jobs, now, owner, claim_before),
+                                   "firing cron occurrences")
+
+    async def purge_fired(self, before: float, batch: int = 5000) -> int:
+        """Forget fired occurrences with an instant before ``before`` (older than any
+        misfire grace), ``batch`` per transaction; the number removed."""
+        batch = max(1, batch)
+        total = 0
+        while True:
+            n = await self._on_pool(lambda c: fleet.purge_fired(c, before, batch),
+                                    "purging fired occurrences")
+            total += n
+            if n < batch:
+                return total
+
+    async def superseded_runs(self, job_id: str | None = None,
+                              limit: int = 100) -> list[RunRecord]:
+        """Runs recorded by :meth:`finish_owned` for attempts that had been superseded."""
+        if job_id is None:
+            rows = await self._read("SELECT body FROM runs WHERE superseded "
+                                    "ORDER BY finished_at DESC, seq DESC LIMIT $1", limit)
+        else:
+            rows = await self._read("SELECT body FROM runs WHERE superseded AND job_id = $2 "
+                                    "ORDER BY finished_at DESC, seq DESC LIMIT $1", limit, job_id)
+        return [schema.decode_run(r[0]) for r in rows]
+
+    async def owned_jobs(self, owner: str) -> list[Job]:
+        """The jobs ``owner`` holds, in due order (``/snapshot``; a kernel's own check)."""
+        rows = await self._read(
+            f"SELECT {ps.JOB_FIELDS} FROM jobs WHERE owner = $1 ORDER BY due_at, seq", owner)
+        return [ps.decode_job(*r) for r in rows]
+
+
+__all__ = ["KernelInfo", "PostgresStore", "Rescue", "redact", "translate"]

@@ -1,0 +1,143 @@
+"""A throwaway PostgreSQL cluster for the tests: initdb in a temp dir, a unix socket, no TCP.
+
+One cluster per test session (:func:`session_cluster`), shared by every test directory; each test
+gets its own PostgreSQL schema in it (:func:`fresh_schema`), which is much cheaper than a database
+per test. Tuned for tests, not durability: ``fsync=off``, ``synchronous_commit=off``, small
+shared buffers.
+
+``initdb`` refuses to run as root: as root, the cluster is created and run by an unprivileged
+user (``KERNEL_TEST_PG_USER``, default ``nobody``) that owns the temp dir; the tests connect over
+the socket as the ``postgres`` role with trust authentication.
+
+When the server cannot be started, the PostgreSQL tests fail where PostgreSQL is required (``CI``
+is set, or ``KERNEL_TEST_PG=required``, which ``./scripts/test`` sets) and are skipped with the
+reason otherwise.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+_counter = itertools.count(1)
+
+
+def required() -> bool:
+    return bool(os.environ.get("CI")) or os.environ.get("KERNEL_TEST_PG") == "required"
+
+
+def find_bin() -> Path | None:
+    """The directory of ``initdb``/``pg_ctl``: ``KERNEL_TEST_PG_BIN``, Debian's layout, PATH."""
+    if env := os.environ.get("KERNEL_TEST_PG_BIN"):
+        return Path(env)
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    if found:
+        return Path(found[-1]).parent
+    which = shutil.which("initdb")
+    return Path(which).parent if which else None
+
+
+class PgCluster:
+    """One initdb'd, started cluster; :meth:`stop` removes it."""
+
+    def __init__(self) -> None:
+        self.bin = find_bin()
+        self.root = Path(tempfile.mkdtemp(prefix="kpg-"))  # short: a socket path is <= 107 B
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self.user: str | None = None
+        self.started = False
+        self.startup_seconds = 0.0
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        cmd = list(args)
+        if self.user is not None:
+            cmd = ["runuser", "-u", self.user, "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+    def start(self) -> None:
+        t0 = time.perf_counter()
+        if self.bin is None or not (self.bin / "initdb").exists():
+            raise RuntimeError(
+                "PostgreSQL's server binaries (initdb, pg_ctl) were not found: install the "
+                "server package (Debian: apt-get install postgresql-15) or set "
+                "KERNEL_TEST_PG_BIN to the directory that holds initdb"
+            )
+        if os.geteuid() == 0:
+            self.user = os.environ.get("KERNEL_TEST_PG_USER", "nobody")
+            shutil.chown(self.root, user=self.user)
+        os.chmod(self.root, 0o755)
+        init = self._run(
+            str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+            "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions",
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr.strip()}")
+        opts = " ".join([
+            "-c listen_addresses=''", f"-c unix_socket_directories={self.root}",
+            "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
+            "-c shared_buffers=32MB", "-c max_connections=100", "-c wal_level=minimal",
+            "-c max_wal_senders=0", "-c autovacuum=off", "-c jit=off",
+        ])
+        start = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                          "-w", "-t", "30", "-o", opts, "start")
+        if start.returncode != 0:
+            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"pg_ctl start failed ({start.returncode}): "
+                               f"{start.stderr.strip()} {log}")
+        self.started = True
+        self.startup_seconds = time.perf_counter() - t0
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@/postgres?host={self.root}"
+
+    def stop(self) -> None:
+        if self.started and self.bin is not None:
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
+                      "stop")
+            self.started = False
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+_cluster: PgCluster | None = None
+_failure: str | None = None
+
+
+def session_cluster() -> PgCluster:
+    """The session's cluster, started on first use (fails or skips: see the module doc)."""
+    global _cluster, _failure
+    if _cluster is None and _failure is None:
+        cluster = PgCluster()
+        try:
+            cluster.start()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            cluster.stop()
+            _failure = f"cannot start a throwaway PostgreSQL cluster: {e}"
+        else:
+            _cluster = cluster
+            atexit.register(cluster.stop)
+    if _cluster is None:
+        assert _failure is not None
+        if required():
+            pytest.fail(_failure + " (PostgreSQL is required here: CI or KERNEL_TEST_PG)")
+        pytest.skip(_failure + " (set KERNEL_TEST_PG=required to make this a failure)")
+    return _cluster
+
+
+def fresh_schema(prefix: str = "t") -> str:
+    """A schema name no other test of this session uses."""
+    return f"{prefix}_{os.getpid()}_{next(_counter)}"
+
+
+__all__ = ["PgCluster", "find_bin", "fresh_schema", "required", "session_cluster"]
