@@ -1,17 +1,21 @@
 """The plugin contract: typed pluggy hook specs and the objects plugins hand to the kernel.
 
 A plugin is a module (or object) with ``@hookimpl`` functions, published through the entry-point
-group ``open_autoglm_kernel.plugins``. pluggy hooks are synchronous: they *return* actions and
-subscribers whose async methods the kernel awaits. Built-in actions use the same hooks.
+group ``open_autoglm_kernel.plugins``. pluggy hooks are synchronous: they *return* actions,
+subscribers, CLI commands and lifespans whose async methods the kernel awaits. Built-in actions
+use the same hooks. A hook implementation whose name is not one of :class:`KernelHooks` is
+reported at load time (ERR_PLUGIN_LOAD), unless marked ``@hookimpl(optionalhook=True)``.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import pluggy
 
@@ -94,15 +98,54 @@ class Subscriber(Protocol):
         ...
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True, slots=True)
 class PluginContext:
     """What a plugin is told at start-up: its settings from ``[plugins.<name>]``, the data dir."""
 
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     data_dir: Path = Path(".")
+    _shared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def section(self, name: str) -> Mapping[str, Any]:
         return self.settings.get(name, {})
+
+    def shared(self, key: str, factory: Callable[[], T]) -> T:
+        """One object per load for ``key``: the first call makes it with ``factory``, later
+        calls (from the plugin's other hooks) get the same object. This is how
+        ``register_actions`` and ``register_lifespan`` share the plugin's state without a
+        module-global; use your plugin's name as the key."""
+        if key not in self._shared:
+            self._shared[key] = factory()
+        return cast(T, self._shared[key])
+
+
+Lifespan = Callable[[], AbstractAsyncContextManager[object]]
+"""A factory of an async context manager: entered when the kernel starts (before any run) and
+exited when it stops (after the last run), e.g. a function decorated with
+``contextlib.asynccontextmanager``. Hold sessions, pools, warm caches there."""
+
+CommandFn = Callable[[argparse.Namespace, PluginContext], int | Awaitable[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A CLI command a plugin contributes: ``python -m kernel <plugin> <name> [options]``.
+
+    ``run(args, context)`` returns the exit status (a coroutine function is run in a fresh
+    event loop); ``context`` holds the settings of the config named on the command line.
+    ``add_arguments(parser)`` adds the command's options to its ``argparse`` parser; every
+    option should have ``help``. ``example`` is shown at the end of ``--help``.
+    """
+
+    name: str
+    run: CommandFn
+    help: str = ""
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    example: str = ""
+    plugin: str = ""
 
 
 class KernelHooks:
@@ -115,3 +158,14 @@ class KernelHooks:
     @hookspec
     def register_subscribers(self, context: PluginContext) -> list[Subscriber]:  # type: ignore[empty-body]
         """Return observers of the kernel's events (run started/finished, reloads...)."""
+
+    @hookspec
+    def register_commands(self) -> list[Command]:  # type: ignore[empty-body]
+        """Return CLI commands, added as ``python -m kernel <plugin> <command>``."""
+
+    @hookspec
+    def register_lifespan(self, context: PluginContext) -> Lifespan | None:
+        """Return a factory of an async context manager held open while the kernel runs."""
+
+
+HOOK_NAMES = tuple(sorted(n for n in vars(KernelHooks) if n.startswith("register_")))

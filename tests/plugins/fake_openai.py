@@ -16,7 +16,10 @@ until the server closes: the client's timeout fires), ``"stream_error"`` (an SSE
 503 (a server that falls over half-way through a batch); ``hang_after = N`` makes them hang
 instead. ``hold``, when set to an ``asyncio.Event``, keeps every chat request waiting until it
 is set; ``in_flight``/``max_in_flight`` count concurrent chat requests. ``api_key`` set: requests without
-``Authorization: Bearer <api_key>`` get 401.
+``Authorization: Bearer <api_key>`` get 401. ``models_error = (status, message, code)`` makes
+``GET /v1/models`` answer that error (e.g. LiteLLM's 400 ``no_db_connection`` for a key it does
+not know when it has no database). Each request records ``peer``, the client's ``(host, port)``:
+requests over one kept-alive connection share it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    peer: tuple[str, int] | None = None
 
 
 def default_reply(body: dict[str, Any]) -> str:
@@ -57,6 +61,7 @@ class FakeOpenAI:
     max_in_flight: int = 0
     retry_after: str = "7"
     has_models_route: bool = True
+    models_error: tuple[int, str, str] | None = None
     requests: list[Recorded] = field(default_factory=list)
     answered: int = 0
     base_url: str = ""
@@ -90,6 +95,9 @@ class FakeOpenAI:
     def posts(self, path: str = "/v1/chat/completions") -> list[Recorded]:
         return [r for r in self.requests if r.method == "POST" and r.path == path]
 
+    def gets(self, path: str = "/v1/models") -> list[Recorded]:
+        return [r for r in self.requests if r.method == "GET" and r.path == path]
+
     # ---------------------------------------------------------------- handlers
     async def _record(self, request: web.Request) -> Recorded:
         body: Any = None
@@ -99,7 +107,9 @@ class FakeOpenAI:
                 body = json.loads(raw)
             except ValueError:
                 body = raw.decode("utf-8", "replace")
-        rec = Recorded(request.method, request.path, dict(request.headers), body)
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        peer = (str(peername[0]), int(peername[1])) if peername else None
+        rec = Recorded(request.method, request.path, dict(request.headers), body, peer)
         self.requests.append(rec)
         return rec
 
@@ -116,6 +126,8 @@ class FakeOpenAI:
             return _error(404, "Not Found", "not_found")
         if (denied := self._unauthorized(request)) is not None:
             return denied
+        if self.models_error is not None:
+            return _error(*self.models_error)
         return web.json_response({"object": "list", "data": [
             {"id": m, "object": "model", "owned_by": "fake"} for m in self.models]})
 

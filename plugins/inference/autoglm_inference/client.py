@@ -8,6 +8,7 @@ what happened                                       code                       r
 ==================================================  =========================  =========
 connection refused or reset, DNS, any timeout       ERR_CONN_TIMEOUT           yes
 HTTP 401 / 403                                      ERR_AUTH_FAILED            no
+other 4xx to the health check ``GET /models``       ERR_AUTH_FAILED            no
 HTTP 404, or an error saying the model is unknown   ERR_MODEL_NOT_FOUND        no
 HTTP 429 / 503 (``Retry-After`` honoured)           ERR_OVERLOADED             yes
 HTTP 400/413/422 saying the context is too long     ERR_CONTEXT_TOO_LONG       no
@@ -15,6 +16,13 @@ other 4xx                                           ERR_BAD_PAYLOAD            n
 HTTP 502 / 504                                      ERR_CONN_TIMEOUT           yes
 other 5xx, or a reply that is not the expected JSON ERR_ACTION_FAILED          yes
 ==================================================  =========================  =========
+
+The health check is a ``GET`` without a body: the only things of the user's in it are the
+endpoint and the API key, so a 4xx there (other than 404, 429) cannot be the payload's fault.
+LiteLLM's proxy, for one, answers ``400 {"error": {"message": "No connected db.", "type":
+"no_db_connection"}}`` to a key that is not its master key when it has no database; that is
+reported as ERR_AUTH_FAILED (not retried: a retry with the same key gets the same answer) with
+the endpoint, the status and the server's message, wherever it comes from.
 
 The API key is sent in the ``Authorization`` header only; it is never logged nor put in an
 error message.
@@ -72,9 +80,13 @@ class ChatResult:
 
 
 def make_session(ep: Endpoint, *, connections: int = 8) -> aiohttp.ClientSession:
+    """A session for one endpoint; each request still carries its own endpoint's timeout."""
     return aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=ep.timeout, sock_connect=ep.connect_timeout),
-        connector=aiohttp.TCPConnector(limit=connections))
+        timeout=request_timeout(ep), connector=aiohttp.TCPConnector(limit=connections))
+
+
+def request_timeout(ep: Endpoint) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=ep.timeout, sock_connect=ep.connect_timeout)
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -119,6 +131,11 @@ def _is_context_error(message: str, code: str) -> bool:
             or "prompt is too long" in m)
 
 
+def _is_auth_error(message: str, code: str) -> bool:
+    """LiteLLM's answer (HTTP 400) to an unknown key when the proxy has no database."""
+    return code == "no_db_connection" or "no connected db" in message.lower()
+
+
 def _is_model_error(message: str, code: str) -> bool:
     m = message.lower()
     return code in ("model_not_found", "NotFoundError") or (
@@ -129,7 +146,7 @@ def map_status(status: int, text: str, headers: Mapping[str, str], where: str) -
     """The ActionError for an HTTP error answer (see the module's table)."""
     message, code = _error_fields(text)
     what = f"{where}: HTTP {status}" + (f": {message}" if message else "")
-    if status in (401, 403):
+    if status in (401, 403) or _is_auth_error(message, code):
         return ActionError(f"{what} (set the environment variable named by `api_key_env`)",
                            code=ErrorCode.ERR_AUTH_FAILED, retryable=False)
     if status == 404 or _is_model_error(message, code):
@@ -146,6 +163,21 @@ def map_status(status: int, text: str, headers: Mapping[str, str], where: str) -
     if status >= 500:
         return ActionError(what, code=ErrorCode.ERR_ACTION_FAILED, retryable=True)
     return ActionError(what, code=ErrorCode.ERR_BAD_PAYLOAD, retryable=False)
+
+
+def map_health_status(status: int, text: str, headers: Mapping[str, str],
+                      where: str) -> ActionError:
+    """The ActionError for an error answer to the health check, which carries no payload: a
+    4xx other than 404/429 is the server refusing the endpoint or the key (see the module)."""
+    if status in (404, 429) or not 400 <= status < 500:
+        return map_status(status, text, headers, where)
+    message, _ = _error_fields(text)
+    what = f"{where}: HTTP {status}" + (f": {message}" if message else "")
+    return ActionError(
+        f"{what} (the server refused a request that carries no payload, only the endpoint and "
+        "the API key: check the key in the variable named by `api_key_env` (a LiteLLM proxy "
+        "without a database accepts only its master key), or set health_check = false)",
+        code=ErrorCode.ERR_AUTH_FAILED, retryable=False)
 
 
 @contextlib.asynccontextmanager
@@ -178,6 +210,7 @@ class OpenAIClient:
         self.endpoint = endpoint
         self.traceparent = traceparent
         self.gate = gate or asyncio.Semaphore(64)
+        self.timeout = request_timeout(endpoint)  # the session may be shared by endpoints' runs
 
     def headers(self) -> dict[str, str]:
         h = {"Accept": "application/json", **self.endpoint.headers}
@@ -189,7 +222,7 @@ class OpenAIClient:
 
     async def _get(self, url: str, where: str) -> tuple[int, str, dict[str, str]]:
         async with self.gate, _transport_errors(where), self.session.get(
-                url, headers=self.headers()) as resp:
+                url, headers=self.headers(), timeout=self.timeout) as resp:
             return resp.status, await resp.text(errors="replace"), dict(resp.headers)
 
     async def health(self) -> list[str] | None:
@@ -208,7 +241,7 @@ class OpenAIClient:
                 return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
             return None
         if status != 404:
-            raise map_status(status, text, headers, where)
+            raise map_health_status(status, text, headers, where)
         url = self.endpoint.origin_url("/health")
         where = f"health check GET {url}"
         status, text, headers = await self._get(url, where)
@@ -222,7 +255,7 @@ class OpenAIClient:
         where = f"POST {url}"
         stream = bool(body.get("stream"))
         async with self.gate, _transport_errors(where), self.session.post(
-                url, json=body, headers=self.headers()) as resp:
+                url, json=body, headers=self.headers(), timeout=self.timeout) as resp:
             if resp.status >= 400:
                 raise map_status(resp.status, await resp.text(errors="replace"),
                                  resp.headers, where)
@@ -238,7 +271,7 @@ class OpenAIClient:
         url = self.endpoint.url("/embeddings")
         where = f"POST {url}"
         async with self.gate, _transport_errors(where), self.session.post(
-                url, json=body, headers=self.headers()) as resp:
+                url, json=body, headers=self.headers(), timeout=self.timeout) as resp:
             if resp.status >= 400:
                 raise map_status(resp.status, await resp.text(errors="replace"),
                                  resp.headers, where)

@@ -4,12 +4,23 @@ Registered through the kernel's ``register_actions`` hook from the entry point
 ``inference = "autoglm_inference.plugin"``. Settings come from ``[plugins.inference]``; each
 payload may override them. The API key is read from the environment variable named by
 ``api_key_env`` when a run starts, so it is never in the config, the payload or the logs.
+
+Resources live as long as the kernel (the ``register_lifespan`` hook): one aiohttp session per
+endpoint (``base_url``), opened at its first use and closed when the kernel stops, and the
+answer of the health check, ``GET /models``, asked once per endpoint and asked again only when
+a run names a model that is not in the remembered list (or after a failed check). Outside the
+lifespan (a script, a test calling the plugin directly) each run has its own session.
+The ``inference models`` CLI command lists what an endpoint serves.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import datetime as dt
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +29,8 @@ import msgspec
 
 from kernel.errors import ActionError, ErrorCode
 from kernel.files import atomic_write
-from kernel.hookspecs import Action, PluginContext, RunContext, hookimpl
+from kernel.hookspecs import Action, Command, Lifespan, PluginContext, RunContext, hookimpl
+from kernel.settings import SettingsError, plugin_settings
 
 from . import batch as batch_mod
 from .client import ChatResult, Endpoint, OpenAIClient, make_session
@@ -36,11 +48,60 @@ from .templates import TemplateError, read_file, render, resolve, time_variables
 
 
 class InferencePlugin:
-    """The actions, bound to one set of settings and one gate per endpoint."""
+    """The actions, bound to one set of settings, one gate and (within :meth:`lifespan`) one
+    session per endpoint, and the remembered health check of each endpoint."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._gates: dict[str, asyncio.Semaphore] = {}
+        self._sessions: dict[str, aiohttp.ClientSession] | None = None  # None: no lifespan
+        self._served: dict[str, list[str] | None] = {}  # base_url -> models listed (None: none)
+        self._checking: dict[str, asyncio.Lock] = {}
+
+    # ------------------------------------------------------------------ lifespan
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Held open by the kernel while it runs: sessions opened inside are shared by every
+        run to their endpoint and closed on the way out."""
+        self._sessions = {}
+        try:
+            yield
+        finally:
+            sessions, self._sessions = self._sessions, None
+            for session in sessions.values():
+                await session.close()
+
+    def sessions(self) -> list[aiohttp.ClientSession]:
+        return list((self._sessions or {}).values())
+
+    @contextlib.asynccontextmanager
+    async def session(self, ep: Endpoint) -> AsyncIterator[aiohttp.ClientSession]:
+        """The endpoint's shared session within the lifespan; a session for this run only
+        outside it."""
+        if self._sessions is None:
+            async with make_session(ep, connections=self.settings.endpoint_concurrency) as own:
+                yield own
+            return
+        session = self._sessions.get(ep.base_url)
+        if session is None or session.closed:
+            session = make_session(ep, connections=self.settings.endpoint_concurrency)
+            self._sessions[ep.base_url] = session
+        yield session
+
+    async def served_models(self, client: OpenAIClient, *,
+                            refresh: bool = False) -> list[str] | None:
+        """The endpoint's model list from its health check, asked once per endpoint (or again
+        with ``refresh``); a failed check raises and is not remembered."""
+        base = client.endpoint.base_url
+        if not refresh and base in self._served:
+            return self._served[base]
+        lock = self._checking.setdefault(base, asyncio.Lock())
+        async with lock:
+            if not refresh and base in self._served:
+                return self._served[base]
+            served = await client.health()
+            self._served[base] = served
+            return served
 
     # ------------------------------------------------------------------ plumbing
     def base_url(self, p: _Endpoint) -> str:
@@ -77,7 +138,12 @@ class InferencePlugin:
     async def pick_model(self, client: OpenAIClient, p: _Endpoint) -> str:
         model = p.model or self.settings.model
         check = p.health_check if p.health_check is not None else self.settings.health_check
-        served = await client.health() if check else None
+        served: list[str] | None = None
+        if check:
+            remembered = client.endpoint.base_url in self._served
+            served = await self.served_models(client)
+            if remembered and served is not None and model and model not in served:
+                served = await self.served_models(client, refresh=True)  # loaded since?
         if served is not None:
             if model and model not in served:
                 raise ActionError(
@@ -95,11 +161,12 @@ class InferencePlugin:
                               code=ErrorCode.ERR_BAD_PAYLOAD)
         return model
 
-    def variables(self, ctx: RunContext, p: _Endpoint) -> dict[str, str]:
+    def variables(self, ctx: RunContext, p: _Endpoint) -> dict[str, str | dt.date]:
         """Built-in variables, then ``files`` (read now), then ``vars`` (sync: call in a
         thread)."""
-        out = {"task_id": ctx.task_id or "", "job_id": ctx.job_id, "trace_id": ctx.trace_id,
-               **time_variables(ctx.scheduled_at, p.tz)}
+        out: dict[str, str | dt.date] = {
+            "task_id": ctx.task_id or "", "job_id": ctx.job_id, "trace_id": ctx.trace_id,
+            **time_variables(ctx.scheduled_at, p.tz)}
         for name, spec in p.files.items():
             ref = spec if isinstance(spec, FileRef) else FileRef(path=spec)
             try:
@@ -110,7 +177,7 @@ class InferencePlugin:
             out[name] = _text(value)
         return out
 
-    def render(self, text: str, variables: dict[str, str]) -> str:
+    def render(self, text: str, variables: dict[str, str | dt.date]) -> str:
         return render(text, variables, lambda path: read_file(self.path(path)))
 
     def params(self, p: _Generate) -> dict[str, Any]:
@@ -147,7 +214,7 @@ class InferencePlugin:
     async def chat(self, ctx: RunContext, p: ChatPayload) -> str:
         messages = await asyncio.to_thread(self._chat_messages, ctx, p)
         ep = self.endpoint(p)
-        async with make_session(ep) as session:
+        async with self.session(ep) as session:
             client = self.client(session, ep, ctx)
             model = await self.pick_model(client, p)
             body = {"model": model, "messages": messages, **self.params(p)}
@@ -169,7 +236,7 @@ class InferencePlugin:
         except TemplateError as exc:
             raise ActionError(f"inference.embed: {exc}", code=ErrorCode.ERR_BAD_PAYLOAD) from None
         ep = self.endpoint(p)
-        async with make_session(ep) as session:
+        async with self.session(ep) as session:
             client = self.client(session, ep, ctx)
             model = await self.pick_model(client, p)
             body: dict[str, Any] = {"model": model, "input": inputs, **p.extra_body}
@@ -227,7 +294,7 @@ class InferencePlugin:
 
         return batch_mod.build_items(src, records, make_body)
 
-    def _render_record(self, template: str, shared: dict[str, str], rec: dict[str, Any],
+    def _render_record(self, template: str, shared: dict[str, str | dt.date], rec: dict[str, Any],
                        where: str) -> str:
         fields = {k: v if isinstance(v, str) else msgspec.json.encode(v).decode()
                   for k, v in rec.items()}
@@ -242,7 +309,7 @@ class InferencePlugin:
         checkpoint = self.path(p.checkpoint) if p.checkpoint else \
             batch_mod.default_checkpoint(output)
         workers = p.concurrency or self.settings.batch_concurrency
-        async with make_session(ep, connections=workers) as session:
+        async with self.session(ep) as session:
             client = self.client(session, ep, ctx)
             model = await self.pick_model(client, p)
             items = await asyncio.to_thread(self._batch_items, ctx, p, model)
@@ -274,9 +341,55 @@ def _log_result(ctx: RunContext, model: str, r: ChatResult) -> None:
                  model, len(r.text), r.finish_reason, tokens)
 
 
+def _plugin(context: PluginContext) -> InferencePlugin:
+    """One plugin object per load, shared by the hooks (actions and lifespan)."""
+    return context.shared("inference", lambda: InferencePlugin(
+        plugin_settings(context, "inference", Settings)))
+
+
+@hookimpl
+def register_lifespan(context: PluginContext) -> Lifespan | None:
+    try:
+        return _plugin(context).lifespan
+    except SettingsError:
+        return None  # reported once, by register_actions
+
+
+async def _models_command(args: argparse.Namespace, context: PluginContext) -> int:
+    settings = plugin_settings(context, "inference", Settings)
+    if args.base_url:
+        settings = msgspec.structs.replace(settings, base_url=args.base_url)
+    plugin = InferencePlugin(settings)
+    p = msgspec.convert({"prompt": ""}, ChatPayload)
+    ep = plugin.endpoint(p)
+    async with make_session(ep) as session:
+        client = OpenAIClient(session, ep)
+        served = await client.health()
+    if served is None:
+        print(f"{ep.base_url} is up but lists no models (it answers /health only)")
+    else:
+        for model in served:
+            print(model)
+    return 0
+
+
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default=None,
+                   help="the server to ask (default: [plugins.inference] base_url)")
+
+
+@hookimpl
+def register_commands() -> list[Command]:
+    return [Command("models", _models_command,
+                    "list the models an OpenAI-compatible server serves (GET /models), with "
+                    "the key named by api_key_env", add_arguments=_models_arguments,
+                    example="python -m kernel inference models --base-url "
+                            "http://127.0.0.1:8000/v1")]
+
+
 @hookimpl
 def register_actions(context: PluginContext) -> list[Action]:
-    plugin = InferencePlugin(Settings.load(context.section("inference")))
+    plugin = _plugin(context)
     key = plugin.concurrency_key
     return [
         Action("inference.chat", plugin.chat,

@@ -7,32 +7,18 @@ plugin registers. A payload field left out (``None``) falls back to the plugin s
 
 from __future__ import annotations
 
-import zoneinfo
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import msgspec
 
-from kernel.durations import parse_duration
+from kernel.settings import check_tz, duration, load_settings
 
 DEFAULT_BASE_URL = "http://localhost:8000/v1"
 
 
 def _seconds(name: str, value: float | str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
-
-
-def _check_tz(tz: str) -> None:
-    try:
-        zoneinfo.ZoneInfo(tz)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"tz: unknown time zone {tz!r} (valid: an IANA name such as 'UTC', "
-                         "'Europe/Berlin')") from None
+    return None if value is None else duration(name, value)
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -47,7 +33,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     stream: bool = False
-    health_check: bool = True         # GET {base_url}/models (or /health) before each run
+    health_check: bool = True         # GET {base_url}/models (or /health) once per endpoint
     endpoint_concurrency: int = 4     # requests in flight per base_url, across all runs
     batch_concurrency: int = 4        # workers of one inference.batch run
     base_dir: str = ""                # relative paths are taken from here ("" = working dir)
@@ -66,10 +52,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     @classmethod
     def load(cls, table: Mapping[str, Any]) -> Settings:
-        try:
-            return msgspec.convert(dict(table), cls, strict=False)
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"[plugins.inference]: {exc}") from None
+        return load_settings(cls, table, "[plugins.inference]")
 
 
 class FileRef(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -103,7 +86,7 @@ class _Endpoint(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         self.timeout = _seconds("timeout", self.timeout)
-        _check_tz(self.tz)
+        check_tz(self.tz)
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url: must start with http:// or https://")
 
@@ -120,8 +103,9 @@ class _Generate(_Endpoint):
 class ChatPayload(_Generate):
     """``inference.chat``: a ``prompt`` (with optional ``system``) or a ``messages`` list.
 
-    Every text is a template: ``{name}`` takes ``vars``/``files``/built-in variables,
-    ``{file:path}`` a whole file, ``{{name}}`` is a literal ``{name}``.
+    Every text is a template (``kernel.templates``): ``{name}`` takes ``vars``/``files``/built-in
+    variables, ``{date:%Y%m%d}`` formats a date, ``{file:path}`` is a whole file, ``{{name}}``
+    is a literal ``{name}``.
     """
 
     prompt: str | None = None
