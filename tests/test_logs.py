@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +86,56 @@ def test_text_format_is_readable() -> None:
     line = buf.getvalue().strip()
     assert "WARNING" in line and "run failed: t" in line
     assert "[task_id=t trace_id=abc error_code=ERR_TIMEOUT]" in line
+
+
+def _log_to(stream: Any, fmt: str, environ: dict[str, str]) -> None:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        logs.setup("debug", fmt, stream, environ=environ)
+        log = logging.getLogger("kernel.test")
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+        log.error("e")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("x")
+    finally:
+        for hd in list(root.handlers):
+            root.removeHandler(hd)
+        for hd in saved[0]:
+            root.addHandler(hd)
+        root.setLevel(saved[1])
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_journal_stream_gets_syslog_priority_prefixes(tmp_path: Path, fmt: str) -> None:
+    """Under systemd, $JOURNAL_STREAM names stderr's device:inode; each line then starts with
+    <N> so that `journalctl -p err` finds the errors (a real file stands in for the socket)."""
+    path = tmp_path / "journal"
+    with path.open("w") as f:
+        st = os.fstat(f.fileno())
+        _log_to(f, fmt, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    lines = path.read_text().splitlines()
+    prefixes = [line[:3] for line in lines]
+    if fmt == "json":
+        assert prefixes == ["<7>", "<6>", "<4>", "<3>", "<3>"]
+        assert [json.loads(line[3:])["level"] for line in lines] == [
+            "debug", "info", "warning", "error", "error"]
+    else:  # a traceback spans lines: each of them carries the record's priority
+        assert prefixes[:4] == ["<7>", "<6>", "<4>", "<3>"] and len(lines) > 5
+        assert set(prefixes[4:]) == {"<3>"}
+
+
+def test_no_prefix_when_stderr_is_not_the_journal(tmp_path: Path) -> None:
+    """A child that inherited $JOURNAL_STREAM but writes elsewhere, or no variable at all."""
+    for environ in ({"JOURNAL_STREAM": "1:2"}, {}, {"JOURNAL_STREAM": "garbage"}):
+        path = tmp_path / "plain"
+        with path.open("w") as f:
+            _log_to(f, "json", environ)
+        assert all(line.startswith("{") for line in path.read_text().splitlines())
+    buf = io.StringIO()  # no file descriptor at all
+    _log_to(buf, "json", {"JOURNAL_STREAM": "1:2"})
+    assert buf.getvalue().startswith("{")
