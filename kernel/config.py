@@ -347,22 +347,37 @@ def parse_seed_yaml(text: str, file: str) -> tuple[list[TaskConfig], list[Config
     return cfg.tasks, issues
 
 
+def read_text(path: Path) -> str:
+    """A config file's text; raises ConfigError naming the file when it cannot be read or is
+    not UTF-8 (with the byte offset, line and column of the first undecodable byte). A UTF-8
+    byte order mark is skipped."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(path), "-", f"cannot read: {exc.strerror}")]) from None
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = bom + exc.start
+        line = data.count(b"\n", 0, at) + 1
+        column = at - (data.rfind(b"\n", 0, at) + 1) + 1
+        raise ConfigError([ConfigIssue(
+            str(path), "-",
+            f"not UTF-8 text: byte 0x{data[at]:02x} at offset {at} (line {line}, column "
+            f"{column}) cannot be decoded (valid: a UTF-8 encoded file; re-save it as UTF-8, "
+            "e.g. `iconv -f LATIN1 -t UTF-8`)")]) from None
+
+
 def load(path: Path | None = None, *, tasks_file: Path | None = None) -> Config:
     """Load and decode a config; raises ConfigError listing every decoding problem."""
     if path is None:
         text, file = default_config_text(), "<embedded default config.toml>"
     else:
-        try:
-            text, file = path.read_text("utf-8"), str(path)
-        except OSError as exc:
-            raise ConfigError([ConfigIssue(str(path), "-", f"cannot read: {exc.strerror}")]) from None
+        text, file = read_text(path), str(path)
     cfg, issues = parse_text(text, file)
     if tasks_file is not None:
-        try:
-            ytext = tasks_file.read_text("utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                [ConfigIssue(str(tasks_file), "-", f"cannot read: {exc.strerror}")]) from None
+        ytext = read_text(tasks_file)
         extra, more = parse_seed_yaml(ytext, str(tasks_file))
         issues += more
         known = {t.id for t in cfg.tasks}

@@ -9,7 +9,7 @@ import pytest
 from kernel import config as config_mod
 from kernel.config import Misfire, Overlap, Policy, secs
 from kernel.durations import parse_duration
-from kernel.errors import ConfigError
+from kernel.errors import ConfigError, ErrorCode
 
 
 def test_embedded_default_config_is_valid_and_matches_the_repo_copy() -> None:
@@ -151,3 +151,45 @@ def test_non_finite_or_zero_durations_are_rejected(field: str, value: object) ->
     _, issues = config_mod.parse_text(
         f'[[tasks]]\nid = "t"\naction = "log"\n{field} = {val}\n', "c.toml")
     assert [i.where for i in issues] == [f"task 't'.{field}"]
+
+
+# --- bytes that are not UTF-8 (issue 11, item 7) ------------------------------------------------
+
+def test_a_config_file_that_is_not_utf8_names_the_file_and_the_byte_offset(tmp_path: Path) -> None:
+    p = tmp_path / "config.toml"
+    data = b'[kernel]\ntimezone = "Europe/Berlin"\n# Caf\xe9 du Nord\n[[tasks]]\n'
+    p.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(p)
+    err = info.value
+    assert err.code is ErrorCode.ERR_CONFIG_INVALID
+    (issue,) = err.issues
+    assert issue.file == str(p)
+    offset = data.index(b"\xe9")
+    assert f"byte 0xe9 at offset {offset} (line 3, column 6)" in issue.message
+    assert "not UTF-8" in issue.message and "UTF-8" in issue.message.split("valid:")[1]
+
+
+def test_a_utf16_config_file_fails_at_offset_0(tmp_path: Path) -> None:
+    p = tmp_path / "config.toml"
+    p.write_text('[kernel]\ntimezone = "UTC"\n', encoding="utf-16")
+    with pytest.raises(ConfigError, match=r"byte 0xff at offset 0 \(line 1, column 1\)"):
+        config_mod.load(p)
+
+
+def test_a_tasks_file_that_is_not_utf8_names_that_file(tmp_path: Path) -> None:
+    toml = tmp_path / "config.toml"
+    toml.write_text('[kernel]\ntimezone = "UTC"\n')
+    yml = tmp_path / "tasks.yaml"
+    yml.write_bytes(b"tasks:\n  - id: r\xe9sum\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(toml, tasks_file=yml)
+    (issue,) = info.value.issues
+    assert issue.file == str(yml)
+    assert "byte 0xe9 at offset 16 (line 2, column 10)" in issue.message
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    p = tmp_path / "config.toml"
+    p.write_bytes(b'\xef\xbb\xbf[kernel]\ntimezone = "Asia/Tokyo"\n')
+    assert config_mod.load(p).kernel.timezone == "Asia/Tokyo"
