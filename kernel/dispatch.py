@@ -163,8 +163,14 @@ class Dispatcher:
 
     def plan(self, now: float, *, scan_limit: int = 10_000) -> list[Job]:
         """Pick the jobs that start now and mark them running. Blocked jobs keep their place."""
+        if not self._heap:
+            return []
         starts: list[Job] = []
         deferred: list[_HeapItem] = []
+        for gate in self._gates:  # e.g. the GPU gate reads the cards once for the whole plan
+            begin = getattr(gate, "begin_plan", None)
+            if begin is not None:
+                begin()
         free = self.limits.max_concurrency - len(self._running)
         scanned = 0
         heap = self._heap
@@ -192,6 +198,10 @@ class Dispatcher:
             free -= 1
         for item in deferred:
             heapq.heappush(heap, item)
+        for gate in self._gates:
+            end = getattr(gate, "end_plan", None)
+            if end is not None:
+                end()
         return starts
 
     def finished(self, job: Job) -> None:

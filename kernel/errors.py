@@ -33,10 +33,13 @@ from dataclasses import dataclass
 class ErrorCode(enum.StrEnum):
     ERR_TIMEOUT = "ERR_TIMEOUT"
     ERR_CANCELLED = "ERR_CANCELLED"
+    ERR_ABANDONED = "ERR_ABANDONED"
     ERR_ACTION_FAILED = "ERR_ACTION_FAILED"
     ERR_ACTION_NOT_FOUND = "ERR_ACTION_NOT_FOUND"
     ERR_BAD_PAYLOAD = "ERR_BAD_PAYLOAD"
     ERR_EXEC_FAILED = "ERR_EXEC_FAILED"
+    ERR_MEMORY_LIMIT = "ERR_MEMORY_LIMIT"
+    ERR_WORKER_DIED = "ERR_WORKER_DIED"
     ERR_CONN_TIMEOUT = "ERR_CONN_TIMEOUT"
     ERR_AUTH_FAILED = "ERR_AUTH_FAILED"
     ERR_MODEL_NOT_FOUND = "ERR_MODEL_NOT_FOUND"
@@ -57,9 +60,12 @@ class ErrorCode(enum.StrEnum):
     ERR_STORE_READONLY = "ERR_STORE_READONLY"
     ERR_STORE_FULL = "ERR_STORE_FULL"
     ERR_STORE_CORRUPT = "ERR_STORE_CORRUPT"
+    ERR_STORE_WAL_LOST = "ERR_STORE_WAL_LOST"
     ERR_NOT_FOUND = "ERR_NOT_FOUND"
     ERR_BAD_REQUEST = "ERR_BAD_REQUEST"
     ERR_UNAUTHORIZED = "ERR_UNAUTHORIZED"
+    ERR_FORBIDDEN_ORIGIN = "ERR_FORBIDDEN_ORIGIN"
+    ERR_UNSUPPORTED_MEDIA_TYPE = "ERR_UNSUPPORTED_MEDIA_TYPE"
     ERR_SHUTTING_DOWN = "ERR_SHUTTING_DOWN"
     ERR_INTERNAL = "ERR_INTERNAL"
     ERR_USAGE = "ERR_USAGE"
@@ -88,6 +94,12 @@ CATALOGUE: dict[ErrorCode, CatalogueEntry] = {
         _e(C.ERR_CANCELLED, "The run was cancelled: by a user (DELETE /jobs/{id}), by an overlap "
            "policy (`cancel_other`), or by shutdown after the grace period.",
            "Nothing to fix if intended; raise `[kernel] shutdown_grace` for long runs."),
+        _e(C.ERR_ABANDONED, "The run was cancelled (time-out, request, overlap, shutdown) and "
+           "did not stop within the cancel grace (5 s): the kernel freed its slot, recorded it "
+           "and ignores whatever it does next.",
+           "Fix the action: it must let asyncio.CancelledError propagate (not swallow it), and "
+           "must not block the event loop; run blocking Python code as a `python` action "
+           "(worker process) or in a thread."),
         _e(C.ERR_ACTION_FAILED, "The action raised an exception that carried no more specific code.",
            "Read the run's error text (GET /runs/{trace_id} or `python -m kernel runs`)."),
         _e(C.ERR_ACTION_NOT_FOUND, "No installed plugin provides the named action.",
@@ -98,6 +110,14 @@ CATALOGUE: dict[ErrorCode, CatalogueEntry] = {
         _e(C.ERR_EXEC_FAILED, "An `exec` child exited with a non-zero status or could not start.",
            "Run the command by hand with the same argv, cwd and environment; check its stderr "
            "in the run's error text."),
+        _e(C.ERR_MEMORY_LIMIT, "A `python` action allocated more than its memory cap "
+           "(`memory_mb` of the payload or `[python] memory_mb`; the worker's RLIMIT_DATA).",
+           "Raise `memory_mb`, or make the target use less memory (stream, chunk)."),
+        _e(C.ERR_WORKER_DIED, "The worker process running a `python` action died without an "
+           "answer (a crash in native code, `os._exit`, the out-of-memory killer) or did not "
+           "start; the next run gets a fresh worker.",
+           "Run the target by hand (`python -c 'import mod; mod.fn()'`); check the kernel's "
+           "log and `dmesg` for the out-of-memory killer."),
         _e(C.ERR_CONN_TIMEOUT, "A remote service (model server, SMTP, webhook) refused the "
            "connection or did not answer in time.",
            "Check that the server runs and `base_url` is right; this failure is retried.", True),
@@ -151,12 +171,25 @@ CATALOGUE: dict[ErrorCode, CatalogueEntry] = {
         _e(C.ERR_STORE_CORRUPT, "The database file is not a valid SQLite database, or its schema "
            "is newer than this kernel.",
            "Move the file aside (the kernel never deletes it) and start again, or upgrade."),
+        _e(C.ERR_STORE_WAL_LOST, "The database was not closed cleanly (the kernel was killed or "
+           "crashed) and its write-ahead log (`<db>-wal`) was deleted since: the commits that "
+           "were only in it (acknowledged jobs, run results) are lost; the log line counts them.",
+           "Never delete the `-wal`/`-shm` files of a database that is not closed; restore them "
+           "from a backup if there is one, else resubmit what was acknowledged before the crash."),
         _e(C.ERR_NOT_FOUND, "The job, task or run asked for does not exist.",
            "List what exists with `python -m kernel jobs|tasks|runs`."),
         _e(C.ERR_BAD_REQUEST, "The HTTP request is malformed: the error names the field.",
            "Compare the request with /openapi.json."),
-        _e(C.ERR_UNAUTHORIZED, "The HTTP API needs a bearer token (it is bound to a non-loopback "
-           "address).", "Send `Authorization: Bearer $KERNEL_API_TOKEN`."),
+        _e(C.ERR_UNAUTHORIZED, "The HTTP API needs a bearer token: on loopback the one in "
+           "`<data_dir>/api.token` (the CLI and TUI read it), else `$KERNEL_API_TOKEN`.",
+           "Send `Authorization: Bearer <token>`; as another user, ask the kernel's owner."),
+        _e(C.ERR_FORBIDDEN_ORIGIN, "The request came from a web page (a cross-site `Origin` or "
+           "`Sec-Fetch-Site`) or named a foreign `Host` (DNS rebinding); the API serves local "
+           "clients, not browsers.",
+           "Call the API from the CLI, a script or curl at 127.0.0.1/localhost, not a browser."),
+        _e(C.ERR_UNSUPPORTED_MEDIA_TYPE, "A request body was sent without "
+           "`Content-Type: application/json` (HTTP 415).",
+           "Send the JSON body with `Content-Type: application/json` (`curl --json`)."),
         _e(C.ERR_SHUTTING_DOWN, "The kernel is stopping and accepts no new work.",
            "Submit again once it has restarted.", True),
         _e(C.ERR_INTERNAL, "A bug in the kernel: an unexpected exception was caught at a boundary.",

@@ -26,7 +26,8 @@ class KernelStarted(Event, frozen=True):
     store: str
     api_url: str | None
     tasks: int
-    recovered_jobs: int
+    recovered_jobs: int    # pending jobs loaded from the store at start
+    rerun_jobs: int = 0    # of those, the ones that were running at the last stop (re-run)
 
 
 class KernelStopping(Event, frozen=True):

@@ -121,6 +121,24 @@ class GpuGate:
         self.headroom_mb = headroom_mb
         self._reserved: dict[str, tuple[int, int]] = {}  # job id -> (gpu index, mb)
         self.last_reason: dict[str, str] = {}
+        self._plan_cards: list[GpuInfo] | None = None  # one reading per dispatcher plan
+        self._in_plan = False
+
+    def begin_plan(self) -> None:
+        """The dispatcher starts a plan: read the cards at most once until ``end_plan``."""
+        self._plan_cards = None
+        self._in_plan = True
+
+    def end_plan(self) -> None:
+        self._in_plan = False
+        self._plan_cards = None
+
+    def _cards(self) -> list[GpuInfo]:
+        if not self._in_plan:
+            return self.probe.gpus()
+        if self._plan_cards is None:
+            self._plan_cards = self.probe.gpus()
+        return self._plan_cards
 
     def reserved_mb(self, index: int) -> int:
         return sum(mb for gi, mb in self._reserved.values() if gi == index)
@@ -147,7 +165,7 @@ class GpuGate:
     def try_admit(self, job: Job) -> bool:
         if job.gpu_memory_mb <= 0:
             return True
-        cards = self.probe.gpus()
+        cards = self._cards()
         if not cards:
             self.last_reason[job.id] = self.probe.unavailable_reason or "no GPU"
             return False
