@@ -11,21 +11,32 @@
   columns and truncated rows, 160x48 gets every column.
 * ``run_attached`` polls a kernel's HTTP API; ``run_inprocess`` watches a kernel in the same
   process (``python -m kernel run --tui``); ``add_tui_command`` adds ``python -m kernel tui``.
+
+Cost (the in-process TUI shares the kernel's one core): both loops draw on a fixed cadence
+(``refresh`` seconds) from a snapshot, never per event or per log line. ``frame_view`` converts
+only the rows a frame can show (the rest is one pass of attribute reads to pick and count them).
+While ``run_inprocess`` draws, log records and stray prints to a terminal go to a ``LogPane``
+(the newest lines, formatted only when drawn) and, when given, a log file, never over the
+picture; the terminal's log handlers and ``sys.stdout``/``sys.stderr`` come back afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime as dt
+import heapq
 import itertools
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import IO, Protocol, TypeVar
+from pathlib import Path
+from typing import Protocol, TextIO, TypeVar, cast
 
 import aiohttp
 import msgspec
@@ -34,6 +45,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from . import logs
 from .clock import Clock, SystemClock
 from .errors import KernelError
 from .events import ConfigReloaded, Event, EventBus
@@ -42,6 +54,7 @@ from .records import RunQuery, RunRecord
 __all__ = [
     "DEFAULT_URL",
     "GpuRow",
+    "LogPane",
     "ReloadRow",
     "RunRow",
     "RunningRow",
@@ -51,6 +64,7 @@ __all__ = [
     "TuiView",
     "add_tui_command",
     "decode_view",
+    "frame_view",
     "main",
     "observe",
     "observe_error",
@@ -61,6 +75,7 @@ __all__ = [
     "run_attached",
     "run_inprocess",
     "view_from_snapshot",
+    "with_logs",
 ]
 
 log = logging.getLogger("kernel.tui")
@@ -71,6 +86,7 @@ HISTORY_SECONDS = 15 * 60.0
 HISTORY_MAX = 1000
 RECENT_RELOADS = 5
 WIDE = 120  # at least this many columns: every column, blank lines between sections
+LOG_CAPACITY = 200  # log lines the in-process pane keeps (it shows the newest that fit)
 SPARK = "▁▂▃▄▅▆▇█"
 
 _OUTCOME_STYLE = {"succeeded": "green", "failed": "bold red", "timed_out": "yellow",
@@ -141,6 +157,24 @@ class SnapshotView(msgspec.Struct, frozen=True, kw_only=True):
     queue_depth: int = 0
     gpus: tuple[GpuRow, ...] = ()
     gpu_note: str | None = None  # why no GPU is used, when none is
+    # set by frame_view, which keeps only the rows a frame can show (None: len of the tuple)
+    tasks_total: int | None = None
+    tasks_paused: int | None = None
+    running_total: int | None = None
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks) if self.tasks_total is None else self.tasks_total
+
+    @property
+    def n_running(self) -> int:
+        return len(self.running) if self.running_total is None else self.running_total
+
+    @property
+    def n_paused(self) -> int:
+        if self.tasks_paused is not None:
+            return self.tasks_paused
+        return sum(1 for x in self.tasks if x.paused)
 
 
 class RunRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -193,6 +227,79 @@ def view_from_snapshot(snapshot: object, runs: Sequence[RunRecord] = (), *,
     return TuiView(snapshot=snap, recent_runs=rows, reloads=tuple(reloads))
 
 
+class _TaskLike(Protocol):
+    @property
+    def paused(self) -> bool: ...
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def next_due(self) -> float | None: ...
+    @property
+    def id(self) -> str: ...
+
+
+class _RunningLike(Protocol):
+    @property
+    def elapsed(self) -> float: ...
+
+
+class _SnapshotLike(Protocol):
+    """What ``frame_view`` reads of ``kernel.app.Snapshot``."""
+
+    @property
+    def at(self) -> float: ...
+    @property
+    def tasks(self) -> Sequence[_TaskLike]: ...
+    @property
+    def running(self) -> Sequence[_RunningLike]: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def timers(self) -> int: ...
+    @property
+    def pending_jobs(self) -> int: ...
+    @property
+    def counters(self) -> object: ...
+    @property
+    def max_concurrency(self) -> int: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def gpus(self) -> Sequence[object]: ...
+    @property
+    def gpu_note(self) -> str | None: ...
+
+
+def _running_order(r: _RunningLike) -> float:
+    return -r.elapsed
+
+
+def frame_view(snapshot: _SnapshotLike, runs: Sequence[RunRecord] = (), *, rows: int,
+               reloads: Sequence[ReloadRow] = ()) -> TuiView:
+    """A view of an in-process snapshot holding only what a frame ``rows`` lines high can
+    show: the first ``rows`` tasks in the order ``render`` draws them, the ``rows`` longest
+    running jobs, and the totals that ``render`` counts. It draws the same picture as
+    ``view_from_snapshot`` at any size up to ``rows`` lines, but converts O(rows) objects
+    instead of every task."""
+    rows = max(1, rows)
+    tasks = snapshot.tasks
+    paused = sum(1 for t in tasks if t.paused)
+    shown = heapq.nsmallest(rows, tasks, key=_task_order)  # = sorted(...)[:rows], stable
+    running = heapq.nsmallest(rows, snapshot.running, key=_running_order)
+    snap = SnapshotView(
+        at=snapshot.at,
+        tasks=msgspec.convert(shown, tuple[TaskRow, ...], from_attributes=True),
+        running=msgspec.convert(running, tuple[RunningRow, ...], from_attributes=True),
+        queued=snapshot.queued, timers=snapshot.timers, pending_jobs=snapshot.pending_jobs,
+        counters=msgspec.convert(snapshot.counters, CountersView, from_attributes=True),
+        max_concurrency=snapshot.max_concurrency, queue_depth=snapshot.queue_depth,
+        gpus=msgspec.convert(list(snapshot.gpus), tuple[GpuRow, ...], from_attributes=True),
+        gpu_note=snapshot.gpu_note, tasks_total=len(tasks), tasks_paused=paused,
+        running_total=len(snapshot.running))
+    rows_ = msgspec.convert(msgspec.to_builtins(list(runs)), tuple[RunRow, ...])
+    return TuiView(snapshot=snap, recent_runs=rows_, reloads=tuple(reloads))
+
+
 def reload_row(event: ConfigReloaded) -> ReloadRow:
     return ReloadRow(at=event.at, source=event.source, added=tuple(event.added),
                      removed=tuple(event.removed), changed=tuple(event.changed),
@@ -222,6 +329,7 @@ class TuiState:
     failures: int = 0               # consecutive failed polls
     last_ok_at: float | None = None  # snapshot instant of the last good poll
     reloads: tuple[ReloadRow, ...] = ()
+    logs: tuple[str, ...] | None = None  # the in-process log pane's newest lines; None: no pane
 
 
 def observe(state: TuiState, view: TuiView) -> TuiState:
@@ -247,6 +355,11 @@ def observe_error(state: TuiState, message: str) -> TuiState:
 
 def observe_reload(state: TuiState, row: ReloadRow) -> TuiState:
     return replace(state, reloads=(row, *state.reloads)[:RECENT_RELOADS])
+
+
+def with_logs(state: TuiState, lines: Sequence[str]) -> TuiState:
+    """Show ``lines`` (oldest first) in a log pane below the tables."""
+    return replace(state, logs=tuple(lines))
 
 
 def rates(state: TuiState, window: float) -> Rate | None:
@@ -368,14 +481,16 @@ def _allot(needs: Sequence[int], budget: int) -> list[int]:
     return alloc
 
 
-def _fit(items: Sequence[_T], rows: int) -> tuple[Sequence[_T], int]:
+def _fit(items: Sequence[_T], rows: int, total: int | None = None) -> tuple[Sequence[_T], int]:
     """The items that fit in ``rows`` table rows, and how many are hidden behind a last
-    "… N more" row (0: no such row)."""
-    if len(items) <= rows:
+    "… N more" row (0: no such row). ``total``: how many there are when ``items`` holds only
+    the first ones."""
+    total = len(items) if total is None else total
+    if total <= rows:
         return items, 0
     if rows <= 0:
         return (), 0
-    return items[: rows - 1], len(items) - rows + 1
+    return items[: rows - 1], total - rows + 1
 
 
 def _more(t: Table, hidden: int) -> None:
@@ -386,7 +501,6 @@ def _more(t: Table, hidden: int) -> None:
 # ====================================================================== sections
 def _header(view: TuiView, width: int, wide: bool) -> Text:
     s = view.snapshot
-    paused = sum(1 for x in s.tasks if x.paused)
     t = Text()
     t.append("Open-AutoGLM Kernel", style="bold cyan")
     t.append(f"  {_stamp(s.at, s.at)}Z")
@@ -394,10 +508,11 @@ def _header(view: TuiView, width: int, wide: bool) -> Text:
     full = s.queue_depth and s.queued >= 0.9 * s.queue_depth
     t.append(f"{s.queued}/{s.queue_depth}", style="bold red" if full else "bold")
     t.append("  running ")
-    t.append(f"{len(s.running)}/{s.max_concurrency}", style="bold")
+    t.append(f"{s.n_running}/{s.max_concurrency}", style="bold")
     t.append(f"  timers {s.timers}  pending {s.pending_jobs}")
     if wide:
-        t.append(f"  tasks {len(s.tasks)}" + (f" ({paused} paused)" if paused else ""))
+        paused = s.n_paused
+        t.append(f"  tasks {s.n_tasks}" + (f" ({paused} paused)" if paused else ""))
         t.append(f"  api v{view.api_version}", style="dim")
         t.append("   Ctrl-C to quit", style="dim")
     return _line(t, width)
@@ -490,14 +605,14 @@ def _reload_lines(reloads: Sequence[ReloadRow], now: float, width: int,
     return out
 
 
-def _task_order(t: TaskRow) -> tuple[int, float, str]:
+def _task_order(t: _TaskLike) -> tuple[int, float, str]:
     idle = 1 if (t.paused or not t.enabled or t.next_due is None) else 0
     return (idle, t.next_due if t.next_due is not None else 0.0, t.id)
 
 
 def _tasks(view: TuiView, rows: int, width: int, wide: bool) -> RenderableType:
     s = view.snapshot
-    if not s.tasks:
+    if not s.n_tasks:
         return _line(Text("TASKS: none configured", style="dim"), width)
     t = _table(width, wide)
     _col(t, "TASK", ratio=2, min_width=8)
@@ -517,7 +632,7 @@ def _tasks(view: TuiView, rows: int, width: int, wide: bool) -> RenderableType:
         _col(t, "AFTER", ratio=1)
     _col(t, "STATE", max_width=7)
     tasks = sorted(s.tasks, key=_task_order)
-    shown, hidden = _fit(tasks, rows)
+    shown, hidden = _fit(tasks, rows, s.n_tasks)
     for x in shown:
         state = ("paused" if x.paused else "off" if not x.enabled
                  else f"run {x.running}" if x.running and not wide else "")
@@ -546,7 +661,7 @@ def _tasks(view: TuiView, rows: int, width: int, wide: bool) -> RenderableType:
 
 def _running(view: TuiView, rows: int, width: int, wide: bool) -> RenderableType:
     s = view.snapshot
-    if not s.running:
+    if not s.n_running:
         return _line(Text("RUNNING: nothing", style="dim"), width)
     t = _table(width, wide)
     _col(t, "RUNNING", ratio=2, min_width=8)
@@ -559,8 +674,8 @@ def _running(view: TuiView, rows: int, width: int, wide: bool) -> RenderableType
     _col(t, "ELAPSED/TIMEOUT", max_width=20 if wide else 15, justify="right")
     if wide:
         _col(t, "PROGRESS", max_width=22)
-    jobs = sorted(s.running, key=lambda r: -r.elapsed)
-    shown, hidden = _fit(jobs, rows)
+    jobs = sorted(s.running, key=_running_order)
+    shown, hidden = _fit(jobs, rows, s.n_running)
     for r in shown:
         limit = "∞" if r.timeout is None else _span(r.timeout)
         late = r.timeout is not None and r.elapsed > 0.8 * r.timeout
@@ -645,8 +760,10 @@ def render(view: TuiView, width: int, height: int | None = None, *,
     lines += _reload_lines(reloads, view.snapshot.at, width, wide)
     gaps = 3 if wide else 0            # blank lines before each section when wide
     budget = height - len(lines) - 3 - gaps   # 3: a header line per section
+    pane = _log_pane(state.logs if state is not None else None, budget, width, wide)
+    budget -= len(pane)
     s = view.snapshot
-    want = [len(s.tasks), len(s.running), len(view.recent_runs)]
+    want = [s.n_tasks, s.n_running, len(view.recent_runs)]
     # every section keeps at least one row when it has any, then the rest is shared
     alloc = _allot(want, budget)
     sections = (_tasks(view, alloc[0], width, wide), _running(view, alloc[1], width, wide),
@@ -655,7 +772,30 @@ def render(view: TuiView, width: int, height: int | None = None, *,
         if wide:
             lines.append(Text(""))
         lines.append(sec)
+    lines += pane
     return Group(*lines)
+
+
+def _log_pane(logs: Sequence[str] | None, budget: int, width: int, wide: bool) -> list[Text]:
+    """The newest log lines under a title line; at most a quarter of the frame's table rows
+    (a sixth when compact), never the rows the three tables need for their first lines."""
+    if logs is None:
+        return []
+    room = min(budget - 4, budget // (4 if wide else 6))  # 4: the title + a row per table
+    if room < 1:
+        return []
+    shown = logs[-room:] if logs else ()
+    title = Text("LOG", style="bold")
+    title.append("  (the log file or journal has every line)" if wide else "", style="dim")
+    if not shown:
+        title.append("  nothing yet", style="dim")
+    out = [_line(title, width)]
+    for text in shown:
+        level = text.split(" ", 2)[1] if text.count(" ") >= 2 else ""
+        style = ("red" if level in ("ERROR", "CRITICAL") else "yellow" if level == "WARNING"
+                 else "dim")
+        out.append(_line(Text(text, style=style), width))
+    return out
 
 
 def render_state(state: TuiState, width: int, height: int | None = None,
@@ -752,61 +892,184 @@ class KernelLike(Protocol):
     def bus(self) -> EventBus: ...
     @property
     def clock(self) -> Clock: ...
-    def snapshot(self) -> object: ...
+    def snapshot(self) -> _SnapshotLike: ...
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class LogPane(logging.Handler):
+    """A logging handler (and a text stream) that keeps the newest ``capacity`` entries for
+    the dashboard's log pane. Emitting appends the record to a ring: nothing is formatted
+    until ``lines`` asks for the few that are shown, once per frame. Secrets are masked as
+    the kernel's log handlers mask them (``logs.Redactor``)."""
+
+    def __init__(self, capacity: int = LOG_CAPACITY) -> None:
+        super().__init__()
+        self._ring: collections.deque[logging.LogRecord | str] = collections.deque(
+            maxlen=max(1, capacity))
+        self._partial = ""
+        self._redactor = logs.Redactor()
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._ring.append(record)
+
+    def write(self, text: str) -> int:
+        """Stream side (``sys.stderr`` while the TUI draws): whole lines become entries."""
+        with self.lock if self.lock is not None else contextlib.nullcontext():
+            pending = self._partial + text
+            *done, self._partial = pending.split("\n")
+            self._ring.extend(line for line in done if line.strip())
+        return len(text)
+
+    def lines(self, n: int, width: int) -> list[str]:
+        """The newest ``n`` entries, oldest first, each one line of at most ``width``."""
+        newest = list(itertools.islice(reversed(self._ring), max(0, n)))
+        out = []
+        for entry in reversed(newest):
+            text = entry if isinstance(entry, str) else self._format(entry)
+            text = _ANSI.sub("", self._redactor.redact(text))
+            out.append(text if len(text) <= width else text[: max(0, width - 1)] + "…")
+        return out
+
+    @staticmethod
+    def _format(r: logging.LogRecord) -> str:
+        try:
+            msg = r.getMessage()
+        except Exception:  # a bad format string in someone's log call: show it raw
+            msg = str(r.msg)
+        if r.exc_info and r.exc_info[0] is not None:
+            msg += f" ({r.exc_info[0].__name__})"
+        when = dt.datetime.fromtimestamp(r.created, dt.UTC).strftime("%H:%M:%S")
+        return f"{when} {r.levelname} {r.name}: {' | '.join(msg.splitlines())}"
+
+
+class _PaneStream:
+    """Stands in for ``sys.stdout``/``sys.stderr`` while the TUI draws: text goes to the
+    pane. ``rich_proxied_file`` lets a ``Console`` without its own file find the terminal;
+    anything else (``fileno``, ``encoding``, ``buffer``) is the real stream's."""
+
+    def __init__(self, pane: LogPane, real: TextIO) -> None:
+        self._pane = pane
+        self.rich_proxied_file = real
+
+    def write(self, text: str) -> int:
+        return self._pane.write(text)
+
+    def writelines(self, lines: Sequence[str]) -> None:
+        for line in lines:
+            self._pane.write(line)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.rich_proxied_file, name)
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(getattr(stream, "isatty", lambda: False)())
+    except (OSError, ValueError):  # closed
+        return False
 
 
 @contextlib.contextmanager
-def _logs_above(original: IO[str]) -> Iterator[None]:
-    """While Live redirects stderr, send log handlers writing to the real stderr through it,
-    so log lines scroll above the dashboard instead of tearing it."""
-    moved: list[logging.StreamHandler[IO[str]]] = []
-    for h in logging.getLogger().handlers:
-        if isinstance(h, logging.StreamHandler) and h.stream is original:
-            h.setStream(sys.stderr)
-            moved.append(h)
+def _logs_to_pane(pane: LogPane, console: Console,
+                  log_file: str | os.PathLike[str] | None) -> Iterator[None]:
+    """While the TUI draws: log handlers of the root logger that write to a terminal (or to
+    the console's file) are taken off, the pane (and ``log_file``, formatted like them) put
+    on; ``sys.stdout``/``sys.stderr``, when they are a terminal, write into the pane. All of
+    it is undone on exit."""
+    root = logging.getLogger()
+    screen = console.file
+    moved: list[logging.StreamHandler[TextIO]] = [
+        h for h in root.handlers
+        if isinstance(h, logging.StreamHandler) and (h.stream is screen or _isatty(h.stream))]
+    added: list[logging.Handler] = [pane]
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        if moved:
+            fh.setFormatter(moved[0].formatter)
+            for f in moved[0].filters:
+                fh.addFilter(f)
+        else:
+            redactor = logs.Redactor()
+            fh.setFormatter(logs.JsonFormatter(redactor))
+            fh.addFilter(redactor)
+        added.append(fh)
+    streams = {name: getattr(sys, name) for name in ("stdout", "stderr")}
+    swapped = {name: real for name, real in streams.items()
+               if real is not None and (real is screen or _isatty(real))}
+    for old in moved:
+        root.removeHandler(old)
+    for new in added:
+        root.addHandler(new)
+    for name, real in swapped.items():
+        setattr(sys, name, cast(TextIO, _PaneStream(pane, real)))
     try:
         yield
     finally:
-        for h in moved:
-            h.setStream(original)
+        for name, real in swapped.items():
+            setattr(sys, name, real)
+        for new in added:
+            root.removeHandler(new)
+            if new is not pane:
+                new.close()
+        for old in moved:
+            root.addHandler(old)
 
 
 async def run_inprocess(kernel: KernelLike, *, refresh: float = 1.0,
                         console: Console | None = None, runs: int = 20,
-                        max_frames: int | None = None) -> None:
+                        max_frames: int | None = None,
+                        log_file: str | os.PathLike[str] | None = None,
+                        log_capacity: int = LOG_CAPACITY) -> None:
     """Draw a kernel running in this process until cancelled (a kernel service).
 
-    Log lines printed to stderr scroll above the picture. Does nothing when stdout is not a
+    One frame every ``refresh`` seconds of the kernel's clock, from a snapshot: events and log
+    lines never draw. While it draws, log lines go to the dashboard's log pane (and to
+    ``log_file`` when given), never over the picture. Does nothing when stdout is not a
     terminal."""
-    console = console or Console()
+    console = console or Console(file=sys.stdout)  # the terminal, before stdout is swapped
     if not console.is_terminal and max_frames is None:
         log.warning("--tui needs a terminal on stdout; not showing the TUI")
         return
-    state = TuiState()
+    state = TuiState(logs=())
     pending: list[ReloadRow] = []
 
-    def on_event(ev: Event) -> None:
+    def on_event(ev: Event) -> None:  # the only per-event work: keep reloads for the frame
         if isinstance(ev, ConfigReloaded):
             pending.append(reload_row(ev))
+            del pending[:-RECENT_RELOADS]
 
+    pane = LogPane(log_capacity)
     unsubscribe = kernel.bus.subscribe(on_event)
-    original = sys.stderr
     frames = 0
     try:
-        with Live(console=console, screen=False, auto_refresh=False, transient=False,
-                  redirect_stdout=True, redirect_stderr=True) as live, _logs_above(original):
+        with _logs_to_pane(pane, console, log_file), Live(
+                console=console, screen=False, auto_refresh=False, transient=False,
+                redirect_stdout=False, redirect_stderr=False) as live:
             while max_frames is None or frames < max_frames:
                 for row in pending:
                     state = observe_reload(state, row)
                 pending.clear()
+                width, height = _frame_size(console, False)
                 try:
                     records = await kernel.store.query_runs(RunQuery(limit=runs))
-                    view = view_from_snapshot(kernel.snapshot(), records)
-                    state = observe(state, view)
+                    state = observe(state, frame_view(kernel.snapshot(), records, rows=height))
                 except KernelError as exc:
                     state = observe_error(state, f"[{exc.code}] {exc}")
+                state = with_logs(state, pane.lines(max(1, height // 4), max(20, width)))
                 frames += 1
-                live.update(render_state(state, *_frame_size(console, False)), refresh=True)
+                live.update(render_state(state, width, height), refresh=True)
                 if max_frames is not None and frames >= max_frames:
                     break
                 await kernel.clock.sleep(refresh)

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import io
 import json
+import logging
 import os
 import struct
 import sys
@@ -398,3 +399,134 @@ async def test_in_a_pseudo_terminal_ctrl_c_quits_cleanly() -> None:
                 proc.kill()
                 await proc.wait()
             os.close(master)
+
+
+# ============================================================================ cost of a frame
+class FakeTerminal(io.StringIO):
+    """A fake terminal: what is written to it, and ``isatty()`` true (no pty needed)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def frames_in(term: FakeTerminal) -> int:
+    return term.getvalue().count("Open-AutoGLM Kernel")  # once at the top of each frame
+
+
+def big_snapshot(n: int, running: int = 0) -> Any:
+    from kernel.app import Counters, RunningView, Snapshot, TaskView
+
+    tasks = tuple(TaskView(id=f"task-{i:05d}", action="log", schedule="@every 5s", tz="UTC",
+                           enabled=True, paused=i % 7 == 0, next_due=T0 + (i * 37) % 1000,
+                           last_outcome="succeeded", last_error_code=None,
+                           last_finished_at=T0 - 1, after=(), running=0) for i in range(n))
+    rv = tuple(RunningView(job_id=f"j{i}", task_id=f"task-{i:05d}", action="log",
+                           trace_id="ab" * 16, attempt=1, elapsed=float(i % 50), timeout=60.0)
+               for i in range(running))
+    return Snapshot(at=T0, tasks=tasks, running=rv, queued=0, timers=n, pending_jobs=n,
+                    counters=Counters(), max_concurrency=64, queue_depth=1024)
+
+
+@pytest.mark.parametrize(("width", "height"), [(80, 24), (160, 48)])
+def test_a_frame_converts_only_the_rows_it_can_show(width: int, height: int) -> None:
+    snap = big_snapshot(5000, running=300)
+    view = tui.frame_view(snap, (), rows=height)
+    assert len(view.snapshot.tasks) <= height and len(view.snapshot.running) <= height
+    assert view.snapshot.tasks_total == 5000 and view.snapshot.running_total == 300
+    assert view.snapshot.tasks_paused == sum(1 for t in snap.tasks if t.paused)
+    # the same picture as converting everything: same rows, same "… N more", same header
+    full = tui.view_from_snapshot(snap)
+    assert (draw(tui.render(view, width, height), width, height)
+            == draw(tui.render(full, width, height), width, height))
+
+
+async def test_inprocess_tui_draws_on_its_cadence_never_per_event_or_log_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 events and 300 log lines between two ticks of the (fake) clock: no frame is
+    drawn for them, and no log line is printed over the picture; the next tick draws one
+    frame whose log pane holds the newest lines."""
+    h = make_harness("""
+        [[tasks]]
+        id = "tick"
+        schedule = "@every 5s"
+        action = "rec"
+        """)
+    await h.start()
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)     # stderr and stdout are the terminal...
+    monkeypatch.setattr(sys, "stdout", term)
+    handler = logging.StreamHandler(term)         # ...and the log goes there (logs.setup)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    con = Console(file=term, force_terminal=True, width=80, height=24, color_system=None,
+                  legacy_windows=False)
+    drawing = asyncio.create_task(tui.run_inprocess(h.kernel, console=con, refresh=1.0))
+    noisy = logging.getLogger("kernel.noisy")
+    try:
+        await h.idle()
+        assert frames_in(term) == 1
+        for i in range(300):
+            h.kernel.bus.publish(ConfigReloaded(at=T0, source="api", added=[f"t{i}"],
+                                                removed=[], changed=[]))
+            noisy.warning("noisy line %03d", i)
+        print("a stray print", file=sys.stderr)
+        await h.idle()
+        assert frames_in(term) == 1, "a frame was drawn for events or log lines"
+        assert "noisy line" not in term.getvalue()
+        await h.advance(1.0)
+        assert frames_in(term) == 2
+        last_frame = term.getvalue().rsplit("Open-AutoGLM Kernel", 1)[1]
+        assert "noisy line 299" in last_frame       # in the log pane
+        assert "a stray print" in last_frame
+        assert "noisy line 000" not in last_frame   # only the newest fit
+        await h.advance(3.0)
+        assert frames_in(term) == 5
+        assert handler not in root.handlers       # no log line may reach the terminal
+    finally:
+        drawing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drawing
+        root.removeHandler(handler)
+    # afterwards the terminal's log handler and streams are back
+    assert sys.stderr is term and sys.stdout is term
+    await h.stop()
+
+
+def test_log_pane_keeps_the_newest_lines_and_formats_only_what_is_shown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOME_API_KEY", "sk-verysecretvalue123")
+    pane = tui.LogPane(capacity=5)
+    log = logging.getLogger("kernel.pane-test")
+    log.addHandler(pane)
+    log.propagate = False
+    try:
+        for i in range(20):
+            log.warning("line %02d", i)
+        log.error("key is sk-verysecretvalue123")
+    finally:
+        log.removeHandler(pane)
+        log.propagate = True
+    assert len(pane) == 5
+    lines = pane.lines(3, width=60)
+    assert [x.split(" ", 1)[1] for x in lines[:2]] == [
+        "WARNING kernel.pane-test: line 18", "WARNING kernel.pane-test: line 19"]
+    assert "sk-verysecretvalue123" not in lines[2] and "***" in lines[2]
+    assert all(len(x) <= 60 for x in lines)
+    pane.write("half a li")
+    pane.write("ne\nand more\n")
+    assert pane.lines(2, width=60) == ["half a line", "and more"]
+
+
+@pytest.mark.parametrize(("width", "height"), [(80, 24), (160, 48), (40, 12)])
+def test_the_log_pane_fits_in_the_frame(width: int, height: int) -> None:
+    doc = canned(tasks=30, running=9, runs=20, extra=True)
+    st = tui.observe(tui.TuiState(), view_of(doc))
+    st = tui.with_logs(st, tuple(f"12:00:{i:02d} WARNING kernel.runs: failed {i} " + "x" * 90
+                                 for i in range(40)))
+    lines = draw(tui.render_state(st, width, height), width, height)
+    fits(lines, width, height)
+    text = "\n".join(lines)
+    assert "12:00:00" not in text
+    if height >= 24:  # a tiny terminal keeps its rows for the tables
+        assert "12:00:39" in text
+        assert "failed 36" not in text if width < tui.WIDE else "failed 36" in text
