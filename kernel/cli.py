@@ -153,7 +153,22 @@ def _prog() -> str:
     return "python -m kernel" if argv0 in ("", "__main__.py", "-c") else argv0
 
 
-def _parser(prog: str | None = None) -> argparse.ArgumentParser:
+def _plugin_context(args: argparse.Namespace) -> Any:
+    """The context of a plugin's CLI command: the ``[plugins]`` settings of the discovered (or
+    ``--config``) file."""
+    from . import config as config_mod
+    from .discovery import discover
+    from .hookspecs import PluginContext
+
+    explicit = getattr(args, "config", None)
+    found = discover(Path(explicit) if explicit else None)
+    cfg = config_mod.load(found.path, tasks_file=getattr(args, "tasks", None))
+    return PluginContext(settings=cfg.plugins, data_dir=cfg.data_dir())
+
+
+def _parser(prog: str | None = None, *, plugin_commands: bool = False) -> argparse.ArgumentParser:
+    """The whole command line; ``plugin_commands`` also loads the plugins' own commands
+    (``autoglm-kernel <plugin> <command>``), which costs importing every plugin."""
     fmt = argparse.RawDescriptionHelpFormatter
     ap = Parser(
         prog=prog or _prog(), formatter_class=fmt,
@@ -207,14 +222,20 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     add_client_commands(sub)
     add_tui_command(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
+    if plugin_commands:
+        from .plugins import add_plugin_commands
+
+        add_plugin_commands(sub, context=_plugin_context)
     for name, p in sub.choices.items():
         p.formatter_class = fmt
-        extra = EXAMPLES.get(name, "")
+        extra = EXAMPLES.get(name, f"example:\n  {ap.prog} {name} COMMAND --help")
         if name in ("run", "validate", "plugins"):
             extra = f"{extra}\n\n{CONFIG_HELP}" if extra else CONFIG_HELP
         if extra and not p.epilog:
             p.epilog = extra
         for action in p._actions:
+            if action.help is None and isinstance(action, argparse._SubParsersAction):
+                action.help = "one of these commands"
             if action.help is None:
                 for flag in action.option_strings:
                     if flag in OPTION_HELP:
@@ -455,6 +476,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "explain": cmd_explain,
 }
 
+BUILTIN = {*COMMANDS, "submit", "jobs", "runs", "tasks", "pause", "resume", "trigger", "cancel",
+           "backfill", "tui", "--version"}
+"""Commands that need no plugin loaded to parse (anything else loads the plugins' commands)."""
+
 _CODE_IN_LINE = re.compile(r"\[(ERR_[A-Z_]+)\]")
 
 
@@ -482,7 +507,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help", "--version")):
         args = ["run", *args]
     try:
-        ap = _parser(prog)
+        ap = _parser(prog, plugin_commands=args[0] not in BUILTIN)
         a = ap.parse_args(args)
     except UsageError as exc:
         if json_mode:

@@ -164,16 +164,22 @@ def _subparsers(ap: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParse
     raise AssertionError("no subcommands")
 
 
-def test_every_command_has_an_example_and_every_option_a_help_text() -> None:
-    ap = _parser("autoglm-kernel")
+@pytest.mark.parametrize("plugin_commands", [False, True])
+def test_every_command_has_an_example_and_every_option_a_help_text(plugin_commands: bool) -> None:
+    ap = _parser("autoglm-kernel", plugin_commands=plugin_commands)
     assert "exit status" in ap.format_help() and "78" in ap.format_help()
     commands = _subparsers(ap)
     assert {"run", "validate", "cron", "plugins", "explain", "runs", "tui"} <= set(commands)
     for name, p in commands.items():
         text = p.format_help()
         assert "example" in text and f"autoglm-kernel {name}" in text, name
-        for action in p._actions:
-            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        nested = [(name, p)]
+        if any(isinstance(a, argparse._SubParsersAction) for a in p._actions):  # a plugin's
+            nested += [(f"{name} {n}", q) for n, q in _subparsers(p).items()]
+        for label, q in nested:
+            assert "example" in q.format_help(), label
+            for action in q._actions:
+                assert action.help, f"{label} {action.option_strings or action.dest}: no help"
 
 
 @pytest.mark.parametrize("name", ["validate", "cron", "explain", "plugins", "runs", "jobs",
@@ -181,6 +187,19 @@ def test_every_command_has_an_example_and_every_option_a_help_text() -> None:
 def test_every_command_that_prints_has_json(name: str) -> None:
     p = _subparsers(_parser())[name]
     assert any("--json" in a.option_strings for a in p._actions)
+
+
+def test_plugin_commands_are_reachable_and_builtins_do_not_load_them(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`autoglm-kernel inference models --help` works (the inference plugin's command); parsing a
+    built-in command does not import plugins for their commands."""
+    if "inference" not in _subparsers(_parser(plugin_commands=True)):
+        pytest.skip("the inference plugin is not installed in this environment")
+    assert main(["inference", "models", "--help"]) == 0
+    assert "--base-url" in capsys.readouterr().out
+    assert main(["inference", "nope", "--json"]) == EXIT_USAGE
+    assert _json_out(capsys)["error"]["code"] == "ERR_USAGE"  # type: ignore[index]
+    assert "inference" not in _subparsers(_parser())
 
 
 # ------------------------------------------------------------------ 80 columns
