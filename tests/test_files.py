@@ -22,6 +22,12 @@ def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) 
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
 
 
+def test_a_secret_is_written_private(tmp_path: Path) -> None:
+    target = tmp_path / "api.token"
+    atomic_write(target, b"s3cret", mode=0o600)
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
 def test_two_writers_in_one_process_do_not_share_a_temporary(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "state.json"

@@ -27,6 +27,14 @@ an fsync of the WAL per commit, i.e. per group, to survive power loss too, at th
 fsync of latency per batch. The kernel promises durability against process crashes, hence
 ``NORMAL``; pick ``FULL`` where the box loses power.
 
+Opening. Before SQLite may write anything the store takes ownership and checks the files
+(:mod:`kernel.store.sqlite_guard`): an exclusive lock on ``<db>-lock`` for as long as it is open
+(a second store on the file gets :class:`~kernel.errors.StoreLocked` naming the holder's pid),
+a warning at ERROR when the last owner was killed and the WAL was deleted since, writable
+``-wal``/``-shm`` files, and on a read-only connection: the file is ours and ``PRAGMA
+quick_check`` finds no damage. A refused file is left byte for byte as it was. A
+``read_only`` store takes no lock (inspection tools work beside a running kernel).
+
 Errors. Every sqlite3/aiosqlite exception is translated here (:func:`translate`) into
 :class:`~kernel.errors.StoreError` subclasses whose message names the file.
 """
@@ -62,6 +70,7 @@ from kernel.records import (
     SubmitResult,
 )
 from kernel.store import schema
+from kernel.store import sqlite_guard as guard
 from kernel.store import sqlite_tx as tx
 from kernel.store.base import Store
 
@@ -82,15 +91,33 @@ def translate(exc: BaseException, path: str, doing: str) -> KernelError:
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
         return StoreLocked(f"{msg} (another connection holds the database's write lock)")
     if name.startswith("SQLITE_READONLY") or "readonly database" in text:
+        unwritable = _unwritable_sidecar(path)
+        if unwritable is not None:
+            return StoreReadOnly(f"{msg}; {unwritable} is not writable, nothing was stored")
         return StoreReadOnly(f"{msg}; writes are refused, nothing was stored")
     if name.startswith("SQLITE_FULL") or "disk is full" in text:
         return StoreFull(f"{msg}; nothing of this write was stored")
     if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) or "not a database" in text:
+        # Found while running, after the store has written to it: no claim that it is intact.
         return StoreCorrupt(
-            f"{msg}: it is not an SQLite database, or a damaged one; the file was left "
-            "untouched (move it aside, or point [store] path elsewhere)"
+            f"{msg}: SQLite reports the file damaged; stop the kernel, check it with "
+            f"`sqlite3 {path} 'PRAGMA integrity_check'`, and restore it from a backup or move "
+            "it aside"
         )
+    if name.startswith("SQLITE_IOERR"):
+        unwritable = _unwritable_sidecar(path)
+        if unwritable is not None:
+            return StoreReadOnly(f"{msg}; {unwritable} is not writable, nothing was stored")
     return StoreError(msg)
+
+
+def _unwritable_sidecar(path: str) -> str | None:
+    """The ``-wal`` or ``-shm`` file that became unwritable (e.g. ``chattr +i``) while open."""
+    for suffix in ("-shm", "-wal"):
+        p = f"{path}{suffix}"
+        if os.path.exists(p) and not os.access(p, os.W_OK):
+            return p
+    return None
 
 
 def _copy(err: KernelError) -> KernelError:
@@ -157,6 +184,8 @@ class SqliteStore(Store):
         self._closing = False
         self._last_error: str | None = None
         self._version = 0
+        self._lock: guard.OwnerLock | None = None
+        self._warnings: list[str] = []  # said once at open (a lost WAL); shown in health
         self.batches = 0  # committed group commits (for health and the benchmark)
         self.batched_ops = 0
 
@@ -233,15 +262,31 @@ class SqliteStore(Store):
             if self._w is not None:
                 await self._on_writer(self._w.close)
                 self._w = None
+            if self._lock is not None:
+                await self._on_writer(self._let_go, False)
             self._thread.shutdown(wait=False)
             self._thread = None
             if isinstance(e, sqlite3.Error | ValueError):
                 raise translate(e, where, "opening the database") from None
+            if isinstance(e, OSError):
+                raise StoreError(f"{where}: opening the database failed: {e}") from None
             raise
         self._loop = asyncio.get_running_loop()
         self._writer = self._loop.create_task(self._run_writer(), name=f"store-writer:{where}")
 
     def _open_sync(self) -> sqlite3.Connection:
+        """Take ownership, check, then open the writer connection (see the module docstring)."""
+        self._warnings = []
+        if not self.read_only:
+            self._lock = lock = guard.OwnerLock(self.path)
+            # An existing lock file is tried first: a busy store is reported at once, and the
+            # WAL check reads -shm before any connection of ours can reset it.
+            if lock.acquire(create=False) and (lost := guard.wal_loss(lock)) is not None:
+                self._warnings.append(lost)
+            guard.check_writable(self.path)
+            if self.path.exists() and self.path.stat().st_size > 0:
+                guard.probe(self.path, self.busy_timeout)  # read-only: a refusal writes nothing
+            lock.acquire(create=True)
         con = self._connect_sync()
         try:
             self._version = tx.prepare(con, str(self.path), self.read_only)
@@ -249,10 +294,28 @@ class SqliteStore(Store):
                 con.execute(f"PRAGMA synchronous = {self.synchronous}")
                 con.execute(f"PRAGMA wal_autocheckpoint = {self._wal_pages}")
                 con.execute(f"PRAGMA journal_size_limit = {64 * 2**20}")
+            if self._lock is not None:
+                self._lock.mark("open")  # the WAL exists now: a kill from here on is unclean
         except BaseException:
             con.close()
             raise
         return con
+
+    def _let_go(self, clean: bool) -> None:
+        """Hand the lock back (writer thread): marked closed after a clean close, else as it
+        was before this store opened."""
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        try:
+            if clean:
+                lock.mark("closed")
+            else:
+                lock.restore()
+        except OSError as e:
+            self._last_error = f"{lock.path}: cannot record the close: {e}"
+        finally:
+            lock.release()
 
     async def close(self) -> None:
         if self._w is None:
@@ -265,14 +328,18 @@ class SqliteStore(Store):
                 await writer  # drains the queue: every pending write is committed or failed
             elif not writer.cancelled() and writer.exception() is not None:
                 self._last_error = f"the writer task failed: {writer.exception()!r}"
+        clean = False
         try:
             if self._r is not None:
                 await self._r.close()
             await self._on_writer(self._w.close)
+            clean = True  # SQLite checkpointed the WAL into the file and removed it
         except (sqlite3.Error, ValueError) as e:
             self._last_error = translate(e, str(self.path), "closing").message
         finally:
             self._r = self._w = None
+            if self._lock is not None and self._thread is not None:
+                await self._on_writer(self._let_go, clean)
             if self._thread is not None:
                 self._thread.shutdown(wait=False)
                 self._thread = None
@@ -543,6 +610,7 @@ class SqliteStore(Store):
             "queued_writes": len(self._queue),
             "batches": self.batches,
             "batched_ops": self.batched_ops,
+            "warnings": list(self._warnings),
         }
         if self._r is None:
             info["error"] = "not open"

@@ -139,14 +139,23 @@ class Call(Op):
 # -- opening ---------------------------------------------------------------------------------
 
 
-def prepare(con: Con, where: str, read_only: bool) -> int:
-    """Check the file is ours (reading only), then switch to WAL and migrate; the version."""
+def is_corruption(e: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the file is not a database, or a damaged one."""
+    name = str(getattr(e, "sqlite_errorname", "") or "")
+    text = str(e)
+    return (name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) or "not a database" in text
+            or "malformed" in text)
+
+
+def check_ours(con: Con, where: str) -> int:
+    """Read (never write) that the file is ours, or a new, empty database; its schema version.
+
+    :raises StoreCorrupt: not an SQLite database, or another application's.
+    """
     try:
         app_id = con.execute("PRAGMA application_id").fetchone()[0]
     except sqlite3.DatabaseError as e:
-        if "not a database" in str(e) or getattr(e, "sqlite_errorname", "") in (
-            "SQLITE_NOTADB", "SQLITE_CORRUPT"
-        ):
+        if is_corruption(e):
             raise StoreCorrupt(
                 f"{where} is not an SQLite database ({e}); the file was left untouched. "
                 "Move it aside or point [store] path elsewhere."
@@ -159,6 +168,17 @@ def prepare(con: Con, where: str, read_only: bool) -> int:
             f"{where} is an SQLite database of another application "
             f"(application_id={app_id}, user_version={version}); the file was left untouched"
         )
+    return int(version)
+
+
+def prepare(con: Con, where: str, read_only: bool) -> int:
+    """Check the file is ours (reading only), then switch to WAL and migrate; the version.
+
+    The store has already checked an existing file on a read-only connection
+    (:func:`kernel.store.sqlite_guard.probe`); this repeats the cheap part under the write lock.
+    Nothing is written to a file that is up to date: no header write, no empty commit.
+    """
+    version = check_ours(con, where)
     schema.migration_plan(where, version)  # refuses a newer schema before any write
     if read_only:
         if version != schema.LATEST_VERSION:
@@ -166,12 +186,12 @@ def prepare(con: Con, where: str, read_only: bool) -> int:
                 f"{where}: schema version {version} needs migrating to "
                 f"{schema.LATEST_VERSION}, but the store was opened read-only"
             )
-        return int(version)
+        return version
     mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise StoreError(f"{where}: cannot switch to WAL journal mode (got {mode!r})")
-    # BEGIN IMMEDIATE and the header write below also prove the file is writable: on a
-    # read-only file or directory they fail (SQLITE_READONLY) before anything is acknowledged.
+    # BEGIN IMMEDIATE also proves the file is writable: on a read-only file or directory it
+    # fails (SQLITE_READONLY) before anything is acknowledged.
     con.execute("BEGIN IMMEDIATE")
     try:
         version = con.execute("PRAGMA user_version").fetchone()[0]
@@ -179,7 +199,8 @@ def prepare(con: Con, where: str, read_only: bool) -> int:
             for sql in statements:
                 con.execute(sql)
             con.execute(f"PRAGMA user_version = {v}")
-        con.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
+        if con.execute("PRAGMA application_id").fetchone()[0] != schema.APPLICATION_ID:
+            con.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
         con.execute("COMMIT")
     except BaseException:
         rollback(con)
