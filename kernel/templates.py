@@ -24,7 +24,8 @@ import zoneinfo
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-__all__ = ["TemplateError", "Variables", "file_reader", "render", "resolve", "time_variables"]
+__all__ = ["TemplateError", "Variables", "file_reader", "render", "resolve", "text",
+           "time_variables"]
 
 Variables = Mapping[str, "str | dt.date"]
 
@@ -101,6 +102,13 @@ def file_reader(base_dir: str) -> Callable[[str], str]:
             raise TemplateError(f"cannot read {p}: {exc.strerror or exc}") from None
 
     return read
+
+
+def text(value: str | int | float | bool) -> str:
+    """A payload's ``vars`` value as template text (booleans as TOML writes them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def time_variables(scheduled_at: float | None, tz: str) -> dict[str, str | dt.date]:

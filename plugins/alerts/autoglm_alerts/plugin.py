@@ -18,11 +18,12 @@ import aiohttp
 from kernel.errors import ActionError, ErrorCode
 from kernel.events import Event
 from kernel.hookspecs import Action, PluginContext, RunContext, Subscriber, hookimpl
+from kernel.settings import SettingsError, plugin_settings
+from kernel.templates import TemplateError, file_reader, render, text, time_variables
 
 from .channels import EmailChannel, Outgoing, Sleep, WebhookChannel
 from .rules import Alert, Engine
 from .settings import SendPayload, Settings
-from .templates import TemplateError, render, time_variables
 
 log = logging.getLogger("kernel.plugin.alerts")
 
@@ -102,11 +103,11 @@ class AlertsPlugin:
                               code=ErrorCode.ERR_BAD_PAYLOAD)
         variables = {"task_id": ctx.task_id or "", "trace_id": ctx.trace_id,
                      "job_id": ctx.job_id, **time_variables(ctx.scheduled_at, p.tz),
-                     **{k: _text(v) for k, v in p.vars.items()}}
+                     **{k: text(v) for k, v in p.vars.items()}}
 
         def build() -> tuple[str, str]:
-            base = self.settings.base_dir
-            return render(p.subject, variables, base), render(p.body, variables, base)
+            files = file_reader(self.settings.base_dir)
+            return render(p.subject, variables, files), render(p.body, variables, files)
 
         try:
             subject, body = await asyncio.to_thread(build)
@@ -128,15 +129,13 @@ class AlertsPlugin:
         return f"sent: {', '.join(done)}"
 
 
-def _text(value: str | int | float | bool) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+def _settings(context: PluginContext) -> Settings:
+    return context.shared("alerts", lambda: plugin_settings(context, "alerts", Settings))
 
 
 @hookimpl
 def register_actions(context: PluginContext) -> list[Action]:
-    plugin = AlertsPlugin(Settings.load(context.section("alerts")))
+    plugin = AlertsPlugin(_settings(context))
     return [Action("alerts.send", plugin.send,
                    "Send a message (email, webhook); the body may include {file:...}.",
                    SendPayload)]
@@ -144,7 +143,10 @@ def register_actions(context: PluginContext) -> list[Action]:
 
 @hookimpl
 def register_subscribers(context: PluginContext) -> list[Subscriber]:
-    settings = Settings.load(context.section("alerts"))
+    try:
+        settings = _settings(context)
+    except SettingsError:
+        return []  # reported once, by register_actions
     if not settings.rules:
         return []
     return [AlertSubscriber(settings)]

@@ -3,23 +3,18 @@ payload. Secrets are never here: only the *names* of the environment variables h
 
 from __future__ import annotations
 
-import zoneinfo
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import msgspec
 
-from kernel.durations import parse_duration
+from kernel.settings import check_tz, duration, load_settings
 
 Channel = Literal["email", "webhook"]
 On = Literal["failure", "consecutive_failures", "recovery", "success"]
 
 
-def _seconds(name: str, value: float | str) -> float:
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
+_seconds = duration
 
 
 class Rule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -136,18 +131,16 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     @classmethod
     def load(cls, table: Mapping[str, Any]) -> Settings:
-        try:
-            return msgspec.convert(dict(table), cls, strict=False)
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"[plugins.alerts]: {exc}") from None
+        return load_settings(cls, table, "[plugins.alerts]")
 
 
 class SendPayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``alerts.send``: a message a task sends as one of its steps.
 
-    ``subject`` and ``body`` are templates: ``{file:path}`` is a file's content (e.g. the
-    inference output), ``{name}`` a variable (``vars``, ``task_id``, ``trace_id``, ``date``,
-    ``yesterday``), ``{{name}}`` a literal ``{name}``.
+    ``subject`` and ``body`` are templates of the kernel's dialect (``kernel.templates``):
+    ``{file:path}`` is a file's content (e.g. the inference output), ``{name}`` a variable
+    (``vars``, ``task_id``, ``trace_id``, ``date``, ``yesterday``), ``{yesterday:%d.%m.%Y}`` a
+    formatted date, ``{{name}}`` a literal ``{name}``.
     """
 
     subject: str
@@ -158,10 +151,7 @@ class SendPayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tz: str = "UTC"
 
     def __post_init__(self) -> None:
-        try:
-            zoneinfo.ZoneInfo(self.tz)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"tz: unknown time zone {self.tz!r}") from None
+        check_tz(self.tz)
 
 
 def seconds(value: float | str) -> float:

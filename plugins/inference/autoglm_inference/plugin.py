@@ -31,6 +31,7 @@ from kernel.errors import ActionError, ErrorCode
 from kernel.files import atomic_write
 from kernel.hookspecs import Action, Command, Lifespan, PluginContext, RunContext, hookimpl
 from kernel.settings import SettingsError, plugin_settings
+from kernel.templates import text
 
 from . import batch as batch_mod
 from .client import ChatResult, Endpoint, OpenAIClient, make_session
@@ -174,7 +175,7 @@ class InferencePlugin:
             except TemplateError as exc:
                 raise TemplateError(f"files.{name}: {exc}") from None
         for name, value in p.vars.items():
-            out[name] = _text(value)
+            out[name] = text(value)
         return out
 
     def render(self, text: str, variables: dict[str, str | dt.date]) -> str:
@@ -327,12 +328,6 @@ class InferencePlugin:
                 on_item_error=p.on_item_error, log=ctx.log)
         ctx.log.info("inference.batch: %s", report)
         return str(report)
-
-
-def _text(value: str | int | float | bool) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _log_result(ctx: RunContext, model: str, r: ChatResult) -> None:

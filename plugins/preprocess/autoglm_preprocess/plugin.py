@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from kernel.hookspecs import Action, PluginContext, RunContext, hookimpl
+from kernel.settings import plugin_settings
 
 from .prepare import prepare
 from .settings import PreparePayload, Settings
@@ -25,7 +26,7 @@ class PreprocessPlugin:
 
 @hookimpl
 def register_actions(context: PluginContext) -> list[Action]:
-    plugin = PreprocessPlugin(Settings.load(context.section("preprocess")))
+    plugin = PreprocessPlugin(plugin_settings(context, "preprocess", Settings))
     return [Action("preprocess.prepare", plugin.prepare,
                    "Read text/JSONL/CSV files, normalise, deduplicate and chunk them into "
                    "JSONL records {id, source, chunk, text}.", PreparePayload)]

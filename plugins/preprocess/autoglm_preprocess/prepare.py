@@ -10,11 +10,8 @@ rewritten at all.
 
 from __future__ import annotations
 
-import datetime as dt
 import glob
 import os
-import re
-import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +20,11 @@ import msgspec
 
 from kernel.errors import ActionError, ErrorCode
 from kernel.files import atomic_write
+from kernel.templates import TemplateError, render, time_variables
 
 from .readers import Document, ReadStats, format_of, read_csv, read_jsonl, read_text
 from .settings import PreparePayload, Settings
 from .text import chunk, content_hash, normalise
-
-_DATE = re.compile(r"\{(date|yesterday)(?::([^{}]+))?\}")
 
 
 class Record(msgspec.Struct, frozen=True):
@@ -65,22 +61,17 @@ class Report:
         return text
 
 
-def expand_dates(pattern: str, scheduled_at: float | None, tz: str) -> str:
-    """Replace ``{date}`` / ``{yesterday}`` (optionally ``{yesterday:%Y%m%d}``) with the run's
-    scheduled day in ``tz`` (never the clock's: a rerun of an occurrence reads the same files).
-    """
-    if not _DATE.search(pattern):
-        return pattern
-    if scheduled_at is None:
-        raise ActionError(f"{pattern!r} uses {{date}}/{{yesterday}} but the run has no "
-                          "scheduled instant", code=ErrorCode.ERR_BAD_PAYLOAD)
-    day = dt.datetime.fromtimestamp(scheduled_at, zoneinfo.ZoneInfo(tz)).date()
-
-    def sub(m: re.Match[str]) -> str:
-        d = day if m.group(1) == "date" else day - dt.timedelta(days=1)
-        return d.strftime(m.group(2)) if m.group(2) else d.isoformat()
-
-    return _DATE.sub(sub, pattern)
+def expand_dates(pattern: str, scheduled_at: float | None, tz: str, where: str = "") -> str:
+    """The path ``pattern`` rendered in the kernel's template dialect (``kernel.templates``):
+    ``{date}`` / ``{yesterday}`` are the run's scheduled day in ``tz`` (never the clock's: a
+    rerun of an occurrence reads the same files), ``{yesterday:%Y%m%d}`` takes a strftime
+    format, ``{{x}}`` is a literal ``{x}``; ``where`` names the payload field in errors."""
+    try:
+        return render(pattern, time_variables(scheduled_at, tz))
+    except TemplateError as exc:
+        field_name = f"{where}: " if where else ""
+        raise ActionError(f"{field_name}{pattern!r}: {exc}",
+                          code=ErrorCode.ERR_BAD_PAYLOAD) from None
 
 
 def resolve(path: str, base_dir: str) -> str:
@@ -147,8 +138,9 @@ def build(files: list[Path], p: PreparePayload, s: Settings, report: Report) -> 
 
 def prepare(p: PreparePayload, s: Settings, scheduled_at: float | None) -> Report:
     """Run the whole pipeline (synchronous: call it through a thread)."""
-    output = Path(resolve(expand_dates(p.output, scheduled_at, p.tz), s.base_dir))
-    patterns = [resolve(expand_dates(x, scheduled_at, p.tz), s.base_dir) for x in p.inputs]
+    output = Path(resolve(expand_dates(p.output, scheduled_at, p.tz, "output"), s.base_dir))
+    patterns = [resolve(expand_dates(x, scheduled_at, p.tz, f"inputs[{i}]"), s.base_dir)
+                for i, x in enumerate(p.inputs)]
     files = find_files(patterns, exclude=output)
     if not files and p.if_missing == "fail":
         raise ActionError(f"no file matches {', '.join(patterns)} (set if_missing = \"empty\" "

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import zoneinfo
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import msgspec
+
+from kernel.settings import check_tz, load_settings
 
 Unit = Literal["chars", "whitespace"]
 
@@ -24,10 +25,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     @classmethod
     def load(cls, table: Mapping[str, Any]) -> Settings:
-        try:
-            return msgspec.convert(dict(table), cls, strict=False)
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"[plugins.preprocess]: {exc}") from None
+        return load_settings(cls, table, "[plugins.preprocess]")
 
 
 def _check_chunking(size: int | None, overlap: int | None) -> None:
@@ -42,8 +40,9 @@ def _check_chunking(size: int | None, overlap: int | None) -> None:
 class PreparePayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``preprocess.prepare``: files in (globs), one JSONL file of chunks out.
 
-    ``inputs`` and ``output`` may use ``{date}`` and ``{yesterday}`` (the run's scheduled day
-    in ``tz``), optionally with a strftime format: ``app-{yesterday:%Y%m%d}.log``.
+    ``inputs`` and ``output`` are templates of the kernel's dialect (``kernel.templates``) with
+    ``{date}`` and ``{yesterday}`` (the run's scheduled day in ``tz``), optionally with a
+    strftime format: ``app-{yesterday:%Y%m%d}.log``; ``{{x}}`` is a literal ``{x}``.
     """
 
     inputs: list[str]
@@ -67,8 +66,4 @@ class PreparePayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not self.output:
             raise ValueError("output: name the JSONL file to write")
         _check_chunking(self.chunk_tokens, self.overlap_tokens)
-        try:
-            zoneinfo.ZoneInfo(self.tz)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"tz: unknown time zone {self.tz!r} (valid: an IANA name such as "
-                             "'UTC', 'Europe/Berlin')") from None
+        check_tz(self.tz)
