@@ -67,9 +67,16 @@ T = TypeVar("T")
 _RETRIES: Final = 5  # attempts of a batch that deadlocked or failed to serialize
 _RETRYABLE: Final = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _LOST: Final = (
-    asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError,
-    TimeoutError,
+    asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+    ConnectionError, OSError, TimeoutError,
 )
+
+
+def _connection_broken(exc: BaseException) -> bool:
+    """Whether the connection that raised ``exc`` must be replaced (not a plain SQL error)."""
+    if isinstance(exc, asyncpg.PostgresError):  # the server answered; 57: shut down, 08: gone
+        return str(getattr(exc, "sqlstate", "") or "").startswith(("57", "08"))
+    return True
 
 
 def redact(dsn: str) -> str:
@@ -102,7 +109,9 @@ def translate(exc: BaseException, where: str, doing: str) -> KernelError:
     if isinstance(exc, asyncpg.InvalidPasswordError
                   | asyncpg.InvalidAuthorizationSpecificationError):
         return StoreError(f"{msg} (check the user and password of [store] dsn)")
-    if isinstance(exc, _LOST):
+    if isinstance(exc, _LOST) or (
+        isinstance(exc, asyncpg.PostgresError) and _connection_broken(exc)
+    ):
         return StoreError(f"{where}: {doing} failed: cannot reach PostgreSQL: {exc!r}")
     return StoreError(msg)
 
@@ -158,7 +167,8 @@ class PostgresStore(Store):
         self._version = 0
         self.batches = 0
         self.batched_ops = 0
-        self.retried_batches = 0
+        self.retried_batches = 0  # group commits retried after a deadlock / serialization failure
+        self.retried_pool_ops = 0  # the same for fleet operations and reads
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -295,7 +305,7 @@ class PostgresStore(Store):
                     await asyncio.sleep(0.001 * (attempt + 1))
                 except Exception as e:
                     error = e
-                    if isinstance(e, _LOST) and self._w is not None:
+                    if _connection_broken(e) and self._w is not None:
                         with contextlib.suppress(Exception):
                             self._w.terminate()
                         self._w = None
@@ -403,6 +413,7 @@ class PostgresStore(Store):
                 async with pool.acquire() as con:
                     return await fn(con)
             except _RETRYABLE as e:
+                self.retried_pool_ops += 1
                 if attempt == _RETRIES - 1:
                     raise translate(e, self.where, doing) from None
                 await asyncio.sleep(0.001 * (attempt + 1))
@@ -522,6 +533,7 @@ class PostgresStore(Store):
             "batches": self.batches,
             "batched_ops": self.batched_ops,
             "retried_batches": self.retried_batches,
+            "retried_pool_ops": self.retried_pool_ops,
         }
         if not self._open:
             info["error"] = "not open"

@@ -1,0 +1,144 @@
+"""What the PostgreSQL store does beyond the shared contract: schema versions, refusals, errors,
+group commit, reconnects, and writers on several connections (a fleet) at once."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import asyncpg
+import pytest
+
+from kernel.errors import StoreCorrupt, StoreError
+from kernel.records import Job, JobKind
+from kernel.store.postgres import PostgresStore, redact
+
+from ..pg_cluster import PgCluster, fresh_schema
+
+
+def job(i: str, due: float = 100.0, **kw: object) -> Job:
+    return Job(id=i, action="log", due_at=due, payload={"n": i}, **kw)  # type: ignore[arg-type]
+
+
+async def sql(cluster: PgCluster, statement: str) -> None:
+    con = await asyncpg.connect(cluster.dsn)
+    try:
+        await con.execute(statement)
+    finally:
+        await con.close()
+
+
+async def test_schema_version_is_recorded_and_reopening_keeps_it(pg_cluster: PgCluster) -> None:
+    name = fresh_schema()
+    async with PostgresStore(pg_cluster.dsn, schema=name) as s:
+        await s.submit([job("a")], now=0.0)
+        assert (await s.health())["schema_version"] == 1
+    async with PostgresStore(pg_cluster.dsn, schema=name) as s:
+        assert await s.count_jobs() == 1
+    con = await asyncpg.connect(pg_cluster.dsn)
+    try:
+        assert [r[0] for r in await con.fetch(f"SELECT version FROM {name}.schema_version")] == [1]
+    finally:
+        await con.close()
+
+
+async def test_a_newer_schema_is_refused_untouched(pg_cluster: PgCluster) -> None:
+    name = fresh_schema()
+    async with PostgresStore(pg_cluster.dsn, schema=name):
+        pass
+    await sql(pg_cluster, f"INSERT INTO {name}.schema_version (version) VALUES (99)")
+    with pytest.raises(StoreCorrupt, match="version 99 is newer"):
+        await PostgresStore(pg_cluster.dsn, schema=name).open()
+
+
+async def test_another_applications_schema_is_refused(pg_cluster: PgCluster) -> None:
+    name = fresh_schema()
+    await sql(pg_cluster, f"CREATE SCHEMA {name}; CREATE TABLE {name}.jobs (x int)")
+    with pytest.raises(StoreCorrupt, match="another application"):
+        await PostgresStore(pg_cluster.dsn, schema=name).open()
+
+
+async def test_kernels_opening_together_migrate_once(pg_cluster: PgCluster) -> None:
+    name = fresh_schema()
+    stores = [PostgresStore(pg_cluster.dsn, schema=name) for _ in range(3)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        await stores[1].submit([job("a")], now=0.0)
+        assert await stores[2].count_jobs() == 1
+    finally:
+        for s in stores:
+            await s.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_an_unreachable_server_is_a_store_error_without_the_password() -> None:
+    dsn = f"postgresql://kernel:s3cret@127.0.0.1:{free_port()}/kernel"
+    with pytest.raises(StoreError, match="cannot reach PostgreSQL") as info:
+        await PostgresStore(dsn, connect_timeout=5.0).open()
+    assert "s3cret" not in str(info.value) and "kernel:***@127.0.0.1" in str(info.value)
+    assert redact("postgresql:///db?host=/tmp/x") == "postgresql:///db?host=/tmp/x"
+
+
+async def test_concurrent_submitters_are_group_committed(pg_cluster: PgCluster) -> None:
+    async with PostgresStore(pg_cluster.dsn, schema=fresh_schema()) as s:
+        await asyncio.gather(*(s.submit([job(f"j{i}")], now=0.0) for i in range(300)))
+        assert await s.count_jobs() == 300
+        assert s.batched_ops == 300 and s.batches < 30
+
+
+async def test_the_writer_reconnects_after_losing_its_connection(pg_cluster: PgCluster) -> None:
+    async with PostgresStore(pg_cluster.dsn, schema=fresh_schema()) as s:
+        await s.submit([job("a")], now=0.0)
+        con = await asyncpg.connect(pg_cluster.dsn)
+        try:
+            killed = await con.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'open-autoglm-kernel' AND pid <> pg_backend_pid()")
+        finally:
+            await con.close()
+        assert killed >= 1
+        outcomes = []
+        for i in range(3):  # the first write may meet the dead connection; later ones work
+            try:
+                await s.submit([job(f"b{i}")], now=0.0)
+                outcomes.append(True)
+            except StoreError as e:
+                assert "cannot reach PostgreSQL" in e.message or "terminat" in e.message
+                outcomes.append(False)
+        assert outcomes[-2:] == [True, True]
+        assert await s.get_job("b2") is not None
+
+
+async def test_two_kernels_racing_one_dedup_key_store_one_job(pg_cluster: PgCluster) -> None:
+    name = fresh_schema()
+    async with (PostgresStore(pg_cluster.dsn, schema=name) as a,
+                PostgresStore(pg_cluster.dsn, schema=name) as b):
+        for round_ in range(10):
+            key = f"key{round_}"
+            res = await asyncio.gather(*(
+                s.submit([job(f"{round_}-{k}-{i}", dedup_key=key, dedup_expires_at=1e9)],
+                         now=0.0)
+                for i in range(5) for k, s in (("a", a), ("b", b))))
+            flat = [r[0] for r in res]
+            assert sum(not r.existed for r in flat) == 1
+            assert len({r.job.id for r in flat}) == 1
+        assert await a.count_jobs() == 10
+
+
+async def test_two_kernels_racing_one_cron_occurrence_store_one_job(
+    pg_cluster: PgCluster,
+) -> None:
+    name = fresh_schema()
+    async with (PostgresStore(pg_cluster.dsn, schema=name) as a,
+                PostgresStore(pg_cluster.dsn, schema=name) as b):
+        res = await asyncio.gather(*(
+            s.submit([job(f"{k}{i}", 60.0, kind=JobKind.CRON, task_id="t", scheduled_at=60.0)],
+                     now=0.0)
+            for i in range(10) for k, s in (("a", a), ("b", b))))
+        assert sum(not r[0].existed for r in res) == 1
+        assert await b.count_jobs() == 1
