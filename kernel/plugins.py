@@ -24,6 +24,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any, cast
 
 import msgspec
@@ -261,7 +262,7 @@ def _default_context(args: argparse.Namespace) -> PluginContext:
 
 
 def _default_configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None,
+    p.add_argument("--config", type=Path, default=None,
                    help="config.toml whose [plugins.<name>] table the command uses")
 
 

@@ -1,5 +1,7 @@
 """The "write your own plugin" guide, for real: install the tiny plugin distribution with pip
-into a fresh virtual environment and see the kernel's CLI list its action.
+into a fresh virtual environment, see the kernel's CLI list its action, and use its other hooks
+there: the lifespan around a run (kernel.plugins.PluginSet.lifecycle) and its CLI command
+(kernel.plugins.add_plugin_commands), both found through the entry point.
 
 Nothing is downloaded: the new environment sees the kernel (repo root) and the packages already
 installed for this interpreter through a ``.pth`` file, pip runs with ``--no-index``, and the
@@ -72,13 +74,38 @@ def test_tiny_plugin_installs_with_pip_and_is_listed(tmp_path: Path) -> None:
     assert listing["plugins"]["tiny"] == "autoglm-kernel-tiny-example 0.1.0"
     assert listing["problems"] == []
 
-    # and it runs: the plugin is importable in the new environment only
+    # and it runs inside its lifespan: the plugin is importable in the new environment only
+    data = tmp_path / "data"
+    data.mkdir()
     check = _run([str(python), "-c", (
-        "import asyncio, logging, tiny_plugin\n"
+        "import asyncio, logging, pathlib\n"
         "from kernel.hookspecs import PluginContext, RunContext\n"
-        "[a] = tiny_plugin.register_actions(PluginContext(settings={'tiny': {'greeting': 'hi'}}))\n"
-        "ctx = RunContext('j', 't', a.name, '1' * 32, '2' * 16, 1, None, None,"
+        "from kernel.plugins import load\n"
+        "ctx = PluginContext(settings={'tiny': {'greeting': 'hi'}},"
+        f" data_dir=pathlib.Path({str(data)!r}))\n"
+        "ps = load(ctx)\n"
+        "assert ps.problems == [], ps.problems\n"
+        "a = ps.action('tiny.greet')\n"
+        "run = RunContext('j', 't', a.name, '1' * 32, '2' * 16, 1, None, None,"
         " logging.LoggerAdapter(logging.getLogger('x'), {}))\n"
-        "print(asyncio.run(a.run(ctx, a.payload_type(name='box'))))\n")], tmp_path, env)
+        "async def main():\n"
+        "    async with ps.lifecycle():\n"
+        "        print(await a.run(run, ps.decode_payload(a, {'name': 'box'})))\n"
+        "        await a.run(run, ps.decode_payload(a, {'name': 'you'}))\n"
+        "asyncio.run(main())\n")], tmp_path, env)
     assert check.stdout.strip() == "hi, box"
+    assert (data / "tiny-greetings.txt").read_text() == "2 greeting(s)\n"  # written at stop
     assert importlib.util.find_spec("tiny_plugin") is None  # not in the test's environment
+
+    # its CLI command, found through the entry point, with its settings from --config
+    (tmp_path / "config.toml").write_text('[plugins.tiny]\ngreeting = "ahoy"\n', "utf-8")
+    cli = _run([str(python), "-c", (
+        "import argparse, sys\n"
+        "from kernel.plugins import add_plugin_commands\n"
+        "ap = argparse.ArgumentParser(prog='python -m kernel')\n"
+        "ps = add_plugin_commands(ap.add_subparsers(dest='cmd'))\n"
+        "assert ps.problems == [], ps.problems\n"
+        "a = ap.parse_args(sys.argv[1:])\n"
+        "sys.exit(a.handler(a))\n"),
+        "tiny", "hello", "--name", "box", "--shout", "--config", "config.toml"], tmp_path, env)
+    assert cli.stdout.strip() == "AHOY, BOX"

@@ -1,4 +1,9 @@
-"""The smallest useful Open-AutoGLM Kernel plugin: one action, ``tiny.greet``.
+"""The smallest useful Open-AutoGLM Kernel plugin: an action, a lifespan and a CLI command.
+
+* ``tiny.greet`` (action): greets ``name`` with the configured greeting.
+* lifespan: while the kernel runs, greetings are counted; when it stops, the count is written
+  to ``<data dir>/tiny-greetings.txt``.
+* ``python -m kernel tiny hello --name box`` (CLI command): greets from the command line.
 
 Config (optional)::
 
@@ -16,10 +21,24 @@ Task::
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import msgspec
 
 from kernel.errors import ActionError, ErrorCode
-from kernel.hookspecs import Action, PluginContext, RunContext, hookimpl
+from kernel.files import atomic_write
+from kernel.hookspecs import Action, Command, Lifespan, PluginContext, RunContext, hookimpl
+from kernel.settings import plugin_settings
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[plugins.tiny]``; a mistake is reported as ``[plugins.tiny]: ...`` naming the field."""
+
+    greeting: str = "hello"
 
 
 class GreetPayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -30,21 +49,65 @@ class GreetPayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Greeter:
-    def __init__(self, greeting: str) -> None:
-        self.greeting = greeting
+    def __init__(self, settings: Settings, data_dir: Path) -> None:
+        self.greeting = settings.greeting
+        self.data_dir = data_dir
+        self.count = 0
 
-    async def greet(self, ctx: RunContext, p: GreetPayload) -> str:
+    def text(self, p: GreetPayload) -> str:
         if not p.name.strip():
             # a classified failure: the code says what went wrong, `retryable` whether to retry
             raise ActionError("name: must not be blank", code=ErrorCode.ERR_BAD_PAYLOAD)
         text = f"{self.greeting}, {p.name}"
+        return text.upper() if p.shout else text
+
+    async def greet(self, ctx: RunContext, p: GreetPayload) -> str:
+        text = self.text(p)
+        self.count += 1
         ctx.log.info("greeting %s (trace %s, attempt %d)", p.name, ctx.trace_id, ctx.attempt)
-        return text.upper() if p.shout else text  # becomes the run's `detail`
+        return text  # becomes the run's `detail`
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Entered when the kernel starts, exited when it stops (after the last run)."""
+        self.count = 0
+        try:
+            yield
+        finally:
+            report = f"{self.count} greeting(s)\n".encode()
+            await asyncio.to_thread(atomic_write, self.data_dir / "tiny-greetings.txt", report)
+
+
+def _greeter(context: PluginContext) -> Greeter:
+    # one Greeter per load, shared by register_actions and register_lifespan
+    return context.shared("tiny", lambda: Greeter(plugin_settings(context, "tiny", Settings),
+                                                  context.data_dir))
 
 
 @hookimpl
 def register_actions(context: PluginContext) -> list[Action]:
-    settings = context.section("tiny")  # the [plugins.tiny] table, {} if absent
-    greeter = Greeter(str(settings.get("greeting", "hello")))
+    greeter = _greeter(context)
     return [Action("tiny.greet", greeter.greet, "Say hello (the plugin guide's example).",
                    GreetPayload)]
+
+
+@hookimpl
+def register_lifespan(context: PluginContext) -> Lifespan | None:
+    return _greeter(context).lifespan
+
+
+def _hello_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="world", help="who to greet")
+    p.add_argument("--shout", action="store_true", help="in capitals")
+
+
+def _hello(args: argparse.Namespace, context: PluginContext) -> int:
+    print(_greeter(context).text(GreetPayload(name=args.name, shout=args.shout)))
+    return 0
+
+
+@hookimpl
+def register_commands() -> list[Command]:
+    return [Command("hello", _hello, "greet from the command line",
+                    add_arguments=_hello_arguments,
+                    example="python -m kernel tiny hello --name box --shout")]
