@@ -164,6 +164,7 @@ class SqliteStore(Store):
                 f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, not {synchronous!r}"
             )
         self.path = Path(path)
+        self._shm = f"{self.path}-shm"
         self.synchronous = sync
         self.busy_timeout = busy_timeout
         self.read_only = read_only
@@ -373,9 +374,7 @@ class SqliteStore(Store):
 
     async def _commit(self, batch: list[tx.Op]) -> None:
         assert self._w is not None and self._thread is not None
-        done = asyncio.get_running_loop().run_in_executor(
-            self._thread, tx.apply_batch, self._w, batch
-        )
+        done = asyncio.get_running_loop().run_in_executor(self._thread, self._apply, batch)
         cancelled = False
         while True:
             try:
@@ -404,6 +403,23 @@ class SqliteStore(Store):
                 op.fail(_copy(err))
         if cancelled:
             raise asyncio.CancelledError
+
+    def _apply(self, batch: list[tx.Op]) -> None:
+        """One group commit (writer thread), unless ``-shm`` stopped being writable.
+
+        SQLite maps ``-shm`` into memory and grows it as the WAL grows; once the file is
+        immutable (``chattr +i``) that growth ends in SIGBUS, which kills the process without
+        a word. One ``access()`` per batch (about a microsecond) turns it into an error.
+        """
+        assert self._w is not None
+        shm = self._shm
+        if not os.access(shm, os.W_OK) and os.path.exists(shm):
+            raise StoreReadOnly(
+                f"{shm} is no longer writable (chattr +i or a permission change while the store "
+                "is open); SQLite maps it into memory and this write would crash the process "
+                "(SIGBUS), so nothing of it was stored. Make the file writable again"
+            )
+        tx.apply_batch(self._w, batch)
 
     def _enqueue(self, op: tx.Op) -> asyncio.Future[Any]:
         if self._w is None or self._closing:

@@ -195,3 +195,46 @@ async def test_an_unwritable_shm_or_wal_is_refused_at_open_naming_it(
     assert str(target) in str(e.value) and "writable" in str(e.value)
     async with SqliteStore(path) as s:  # writable again: nothing was lost
         assert await s.count_jobs() == 20
+
+
+_GROW = textwrap.dedent("""
+    import asyncio, subprocess, sys
+    from kernel.errors import StoreReadOnly
+    from kernel.records import Job
+    from kernel.store import SqliteStore
+
+    async def main(path):
+        store = SqliteStore(path)
+        await store.open()
+        await store.submit([Job(id="first", action="log", due_at=1.0)], now=0.0)
+        subprocess.run(["chattr", "+i", path + "-shm"], check=True)
+        try:
+            for k in range(50):  # the WAL outgrows the -shm index's first 32 KiB region
+                await store.submit([Job(id=f"b{k}-{i}", action="log", due_at=1.0,
+                                        payload={"x": "y" * 500}) for i in range(2000)], now=0.0)
+        except StoreReadOnly as e:
+            print("refused:", e, flush=True)
+        finally:
+            subprocess.run(["chattr", "-i", path + "-shm"], check=True)
+        await store.close()
+
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+@pytest.mark.slow
+def test_a_shm_made_immutable_while_open_refuses_writes_instead_of_sigbus(
+        tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    if not shutil.which("chattr") or subprocess.run(
+            ["chattr", "+i", str(probe)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("needs chattr +i (root on a file system with inode flags): chmod does not "
+                    "affect a file SQLite already has open, so nothing else reproduces this")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    path = tmp_path / "kernel.sqlite3"
+    p = subprocess.run([sys.executable, "-c", _GROW, str(path)], cwd=ROOT, capture_output=True,
+                       timeout=120, check=False)
+    out = p.stdout.decode()
+    assert p.returncode == 0, (p.returncode, out, p.stderr.decode()[-2000:])  # -7: SIGBUS
+    assert out.startswith("refused:") and f"{path}-shm" in out, out
