@@ -192,6 +192,12 @@ class Config(msgspec.Struct, kw_only=True):
     tasks: list[TaskConfig] = msgspec.field(default_factory=list)
     plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     source: str = "<default>"
+    #: What the files themselves said, for the reload guard (:func:`kernel.reload.check_reload`):
+    #: ``blank`` when the config file holds no key at all (empty, whitespace, comments only: what
+    #: an editor's half-written file looks like), ``tasks_declared`` when a file has a ``tasks``
+    #: key (``tasks = []`` or ``[[tasks]]`` in TOML, ``tasks:`` in the YAML tasks file).
+    blank: bool = False
+    tasks_declared: bool = False
 
     def data_dir(self) -> Path:
         if self.kernel.data_dir:
@@ -281,7 +287,7 @@ def _explain(typ: type[_Section], field: str, text: str) -> str:
 def decode(raw: dict[str, Any], file: str) -> tuple[Config, list[ConfigIssue]]:
     """Decode a parsed TOML/YAML document; returns the config (with bad parts dropped) and issues."""
     issues: list[ConfigIssue] = []
-    cfg = Config(source=file)
+    cfg = Config(source=file, blank=not raw, tasks_declared="tasks" in raw)
     for key, value in raw.items():
         if key in _SECTIONS:
             if not isinstance(value, dict):
@@ -380,6 +386,7 @@ def load(path: Path | None = None, *, tasks_file: Path | None = None) -> Config:
         ytext = read_text(tasks_file)
         extra, more = parse_seed_yaml(ytext, str(tasks_file))
         issues += more
+        cfg.tasks_declared = True  # the YAML file must hold a `tasks:` list (else an issue)
         known = {t.id for t in cfg.tasks}
         for t in extra:
             if t.id in known:

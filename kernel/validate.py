@@ -7,13 +7,18 @@ and a hot reload keeps the old configuration.
 
 from __future__ import annotations
 
+import logging
 import zoneinfo
+from pathlib import Path
 
+from . import config as config_mod
 from .config import Config, TaskConfig
-from .errors import ConfigIssue, CronError, KernelError
+from .errors import ConfigError, ConfigIssue, CronError, KernelError
 from .gpu import GpuGate
 from .plugins import PluginSet
 from .triggers import parse_schedule
+
+log = logging.getLogger("kernel.config")
 
 
 def _tz_ok(tz: str) -> bool:
@@ -96,3 +101,17 @@ def validate(cfg: Config, plugins: PluginSet | None,
                                   "dependency cycle (each task waits for the next): "
                                   + " -> ".join(cycle)))
     return issues
+
+
+def load_checked(config_path: Path | None, tasks_file: Path | None,
+                 plugins: PluginSet | None) -> Config:
+    """Load, decode and validate; raises ConfigError listing every problem (warnings logged)."""
+    cfg = config_mod.load(config_path, tasks_file=tasks_file)
+    issues = validate(cfg, plugins)
+    for w in issues:
+        if w.severity != "error":
+            log.warning("%s", w)
+    errors = [i for i in issues if i.severity == "error"]
+    if errors:
+        raise ConfigError(errors)
+    return cfg
