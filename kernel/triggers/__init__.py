@@ -42,9 +42,9 @@ Dialect
   order), firing at multiples of the interval since the Unix epoch so restarts do not shift it.
 * Refused at parse time, with a :class:`~kernel.errors.CronError` naming the field, the value
   and the valid range: wrong field count, out-of-range values, unknown names, zero or oversized
-  steps, ``?`` outside the day fields, unknown zones (field ``tz``), and calendars that can
-  never fire (``0 0 30 2 *``, ``0 0 31 4 *``, a 7-field expression whose years hold no
-  matching date). A year field entirely in the past parses, and its ``next_after`` is None.
+  steps, ``?`` outside the day fields, reversed year ranges, unknown zones (field ``tz``), and
+  calendars that can never fire (``0 0 30 2 *``, ``0 0 31 4 *``, a 7-field expression whose
+  years hold no matching date). A year field entirely in the past parses, and its ``next_after`` is None.
 * Not supported: ``H``/``R`` hashed values, ``@reboot``, seconds-last 6-field croniter style.
 """
 
