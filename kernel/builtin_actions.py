@@ -2,25 +2,40 @@
 
 ``exec`` runs an argv list (no shell) in its own process group with a clean environment by
 default plus the ``KERNEL_*`` variables; on timeout or cancellation the whole group gets
-SIGTERM, then SIGKILL after ``grace`` seconds. Optional rlimits (memory, CPU time) and nice.
+SIGTERM, then SIGKILL after ``grace`` seconds. Optional limits (memory, CPU time, nice) are set
+by a tiny wrapper (``python -I -S -c``) that sets them on itself and then ``execvp``s the program:
+no ``preexec_fn``, which runs Python between fork and exec and is unsafe in a process with
+threads (the kernel has the store writer, aiosqlite and ``to_thread`` threads). The memory cap
+is ``RLIMIT_DATA`` (heap and private writable mappings), not ``RLIMIT_AS``: CUDA reserves huge
+``PROT_NONE`` virtual ranges at initialisation, which ``RLIMIT_AS`` counts (a CUDA program fails
+to start under any realistic cap) and ``RLIMIT_DATA`` does not.
+
+``python`` calls ``module:function`` in a worker process (:mod:`kernel.workers`) unless the
+payload (or ``[python] in_process``) asks for the kernel's own loop; see that module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
+import dataclasses
 import inspect
 import logging
+import math
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
 import msgspec
 
-from .errors import ActionError, BadPayload, ErrorCode
-from .hookspecs import Action, PluginContext, RunContext, hookimpl
+from .errors import ActionError, ErrorCode
+from .events import Event
+from .hookspecs import Action, PluginContext, RunContext, Subscriber, hookimpl
+from .workers import PythonSettings, WorkerPool, resolve
+
+log = logging.getLogger("kernel.actions")
 
 _TAIL = 1900  # the run history keeps 2 KiB of detail: the end of the output
 _SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "VIRTUAL_ENV")
@@ -51,10 +66,19 @@ class PythonPayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     args: list[Any] = msgspec.field(default_factory=list)
     kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
     pass_context: bool = False
+    in_process: bool = False        # run in the kernel's loop (async) or a thread (sync)
+    memory_mb: int | None = None    # memory cap of the worker (default: [python] memory_mb)
+    grace: float = 5.0              # on timeout/cancel: SIGTERM, SIGKILL after this many seconds
 
     def __post_init__(self) -> None:
         if ":" not in self.target:
             raise ValueError("target: must look like 'package.module:function'")
+        if self.memory_mb is not None and self.memory_mb < 32:
+            raise ValueError("memory_mb: must be at least 32 (MB), or left unset")
+        if not (math.isfinite(self.grace) and self.grace >= 0):
+            raise ValueError("grace: must be a number of seconds >= 0")
+        if self.in_process and self.memory_mb is not None:
+            raise ValueError("memory_mb: applies to worker processes; not with in_process = true")
 
 
 class LogPayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -71,22 +95,38 @@ def _child_env(p: ExecPayload, ctx: RunContext) -> dict[str, str]:
     return base
 
 
-def _preexec(limits: ExecLimits) -> Any:
+# Sets the limits on itself, then becomes the program (same pid, same process group). An exec
+# failure is written to stderr with exit status 127, as a shell does.
+_LIMITS_WRAPPER = """\
+import os, resource, sys
+data, cpu, nice = sys.argv[1:4]
+def cap(which, soft, hard):
+    top = resource.getrlimit(which)[1]
+    if top != resource.RLIM_INFINITY:
+        soft, hard = min(soft, top), min(hard, top)
+    resource.setrlimit(which, (soft, hard))
+try:
+    if data:
+        cap(resource.RLIMIT_DATA, int(data), int(data))
+    if cpu:
+        cap(resource.RLIMIT_CPU, int(cpu), int(cpu) + 1)
+    if nice:
+        os.nice(int(nice))
+    os.execvp(sys.argv[4], sys.argv[4:])
+except OSError as exc:
+    sys.stderr.write(f"cannot start {sys.argv[4]!r}: {exc.strerror or exc}\\n")
+    os._exit(127)
+"""
+
+
+def _with_limits(argv: list[str], limits: ExecLimits) -> list[str]:
+    """``argv`` behind the limits wrapper, or unchanged when no limit is asked for."""
     if limits.memory_mb is None and limits.cpu_sec is None and limits.nice is None:
-        return None
-
-    def apply() -> None:  # runs in the child between fork and exec
-        import resource
-
-        if limits.memory_mb is not None:
-            b = limits.memory_mb * 1024 * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (b, b))
-        if limits.cpu_sec is not None:
-            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_sec, limits.cpu_sec + 1))
-        if limits.nice is not None:
-            os.nice(limits.nice)
-
-    return apply
+        return argv
+    return [sys.executable, "-I", "-S", "-c", _LIMITS_WRAPPER,
+            "" if limits.memory_mb is None else str(limits.memory_mb * 1024 * 1024),
+            "" if limits.cpu_sec is None else str(limits.cpu_sec),
+            "" if limits.nice is None else str(limits.nice), *argv]
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -139,14 +179,13 @@ async def run_exec(ctx: RunContext, p: ExecPayload) -> str:
         raise ActionError(f"cwd {p.cwd!r} is not a directory", code=ErrorCode.ERR_EXEC_FAILED)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *p.argv,
+            *_with_limits(p.argv, p.limits),
             stdin=asyncio.subprocess.PIPE if p.stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=_child_env(p, ctx),
             cwd=p.cwd,
             start_new_session=True,
-            preexec_fn=_preexec(p.limits),
         )
     except OSError as exc:
         raise ActionError(f"cannot start {p.argv[0]!r}: {exc.strerror or exc}",
@@ -161,6 +200,8 @@ async def run_exec(ctx: RunContext, p: ExecPayload) -> str:
         # children left behind in the group by a leader that exited
         if proc.returncode is not None:
             _signal_group(proc.pid, signal.SIGKILL)
+    if proc.returncode == 127 and err.startswith(b"cannot start "):  # the limits wrapper
+        raise ActionError(_tail(err).strip(), code=ErrorCode.ERR_EXEC_FAILED)
     if proc.returncode != 0:
         how = (f"killed by signal {-proc.returncode}" if proc.returncode and proc.returncode < 0
                else f"exit status {proc.returncode}")
@@ -169,21 +210,10 @@ async def run_exec(ctx: RunContext, p: ExecPayload) -> str:
     return _tail(out)
 
 
-def _resolve(target: str) -> Any:
-    mod_name, _, attr = target.partition(":")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise BadPayload(f"python target {target!r} cannot be imported: {exc}") from None
-    if not callable(obj):
-        raise BadPayload(f"python target {target!r} is not callable")
-    return obj
-
-
-async def run_python(ctx: RunContext, p: PythonPayload) -> Any:
-    fn = _resolve(p.target)
+async def run_python_in_process(ctx: RunContext, p: PythonPayload) -> Any:
+    """The kernel's own process: an async target in its loop (it must not block), a sync one
+    in a daemon thread (abandoned, not stopped, on timeout)."""
+    fn = resolve(p.target)
     kwargs = dict(p.kwargs)
     if p.pass_context:
         kwargs["ctx"] = ctx
@@ -196,6 +226,72 @@ async def run_python(ctx: RunContext, p: PythonPayload) -> Any:
             return None
         raise ActionError(f"python target {p.target!r} called sys.exit({exc.code!r})",
                           code=ErrorCode.ERR_ACTION_FAILED) from None
+
+
+def _context_fields(ctx: RunContext) -> dict[str, Any]:
+    """A RunContext as plain values; the worker rebuilds it with a logger of the same name."""
+    fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name != "log"}
+    fields["logger"] = ctx.log.logger.name
+    fields["extra"] = dict(ctx.log.extra or {})
+    return fields
+
+
+class PythonRunner:
+    """The ``python`` action of one plugin load: its worker pool, made on first use."""
+
+    def __init__(self, settings: PythonSettings | None = None) -> None:
+        self.settings = settings or PythonSettings()
+        self.pool: WorkerPool | None = None
+
+    async def run(self, ctx: RunContext, p: PythonPayload) -> Any:
+        if p.in_process or (self.settings.in_process and p.memory_mb is None):
+            return await run_python_in_process(ctx, p)
+        if self.pool is None:
+            self.pool = WorkerPool(self.settings)
+        return await self.pool.call(
+            p.target, list(p.args), dict(p.kwargs),
+            context=_context_fields(ctx) if p.pass_context else None,
+            memory_mb=p.memory_mb, grace=p.grace, log_to=ctx.log.logger)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+
+class PoolOwner:
+    """A subscriber only for its ``run``: the kernel owns it in its task group and cancels it
+    at shutdown, after the last run; then the worker processes are stopped."""
+
+    def __init__(self, runner: PythonRunner) -> None:
+        self.runner = runner
+
+    def handle(self, event: Event) -> None:
+        pass
+
+    async def run(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.runner.close()
+
+
+def python_settings(context: PluginContext) -> PythonSettings:
+    """``[python]`` settings as the composition root hands them in (``settings["python"]``);
+    an invalid table is logged and the defaults are used (``validate`` reports it)."""
+    raw = context.section("python")
+    try:
+        return msgspec.convert(dict(raw), PythonSettings)
+    except msgspec.ValidationError as exc:
+        log.error("[python]: %s; using the defaults [ERR_CONFIG_INVALID]", exc)
+        return PythonSettings()
+
+
+def _runner(context: PluginContext) -> PythonRunner:
+    shared = getattr(context, "shared", None)  # one runner per plugin load, for both hooks
+    if shared is None:
+        return PythonRunner(python_settings(context))
+    runner: PythonRunner = shared("builtin.python", lambda: PythonRunner(python_settings(context)))
+    return runner
 
 
 async def _in_daemon_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -238,10 +334,6 @@ async def _exec(ctx: RunContext, payload: Any) -> Any:
     return await run_exec(ctx, payload)
 
 
-async def _python(ctx: RunContext, payload: Any) -> Any:
-    return await run_python(ctx, payload)
-
-
 async def _log(ctx: RunContext, payload: Any) -> Any:
     return await run_log(ctx, payload)
 
@@ -251,7 +343,13 @@ def register_actions(context: PluginContext) -> list[Action]:
     return [
         Action("exec", _exec, "Run a program (argv list, no shell) in its own process group.",
                ExecPayload),
-        Action("python", _python, "Call module:function (async, or sync in a thread).",
-               PythonPayload),
+        Action("python", _runner(context).run,
+               "Call module:function in a worker process (async or sync; in_process: in the "
+               "kernel's loop).", PythonPayload),
         Action("log", _log, "Write a message to the kernel log.", LogPayload),
     ]
+
+
+@hookimpl
+def register_subscribers(context: PluginContext) -> list[Subscriber]:
+    return [PoolOwner(_runner(context))]

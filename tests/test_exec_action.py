@@ -135,15 +135,63 @@ async def test_timeout_kills_the_whole_process_group_even_if_it_ignores_sigterm(
     await h.stop()
 
 
+LIMITS = ("import json, os, resource; print(json.dumps([resource.getrlimit(resource.RLIMIT_DATA)[0],"
+          " resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_CPU),"
+          " os.nice(0), os.getpid() == os.getpgid(0)]))")
+
+
 async def test_rlimit_memory_limit_is_applied() -> None:
+    """The memory cap is RLIMIT_DATA (heap and private writable mappings), and the address
+    space stays unlimited: CUDA reserves huge PROT_NONE ranges that RLIMIT_AS would count."""
+    import json
+
     h = make_harness("")
     await h.start()
-    code = "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])"
+    nice0 = os.nice(0)
     await h.kernel.submit(SubmitRequest(action="exec", payload={
-        "argv": [sys.executable, "-c", code], "limits": {"memory_mb": 2048, "nice": 5}}))
+        "argv": [sys.executable, "-c", LIMITS],
+        "limits": {"memory_mb": 2048, "nice": 5, "cpu_sec": 30}}))
     run = await one_run(h)
     assert run.outcome is Outcome.SUCCEEDED, run.detail
-    assert int(run.detail.strip()) == 2048 * 1024 * 1024
+    data, as_, cpu, nice, leader = json.loads(run.detail)
+    assert data == 2048 * 1024 * 1024
+    assert as_ == -1  # RLIM_INFINITY: a CUDA process can still start
+    assert cpu == [30, 31]
+    assert nice == min(nice0 + 5, 19)
+    assert leader  # still its own process group (the wrapper exec'd the program in place)
+    await h.stop()
+
+
+async def test_limits_are_set_without_preexec_fn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """preexec_fn runs Python between fork and exec, unsafe with threads (the kernel has the
+    store writer, aiosqlite and to_thread threads): the limits come from a wrapper that sets
+    them on itself and then execs the program."""
+    seen: list[dict[str, object]] = []
+    real = asyncio.create_subprocess_exec
+
+    async def spy(*args: object, **kwargs: object) -> asyncio.subprocess.Process:
+        seen.append(kwargs)
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spy)
+    h = make_harness("")
+    await h.start()
+    await h.kernel.submit(SubmitRequest(action="exec", payload={
+        "argv": ["/bin/echo", "limited"], "limits": {"memory_mb": 512}}))
+    run = await one_run(h)
+    assert run.outcome is Outcome.SUCCEEDED and run.detail == "limited\n", run.detail
+    assert seen and all(kw.get("preexec_fn") is None for kw in seen)
+    await h.stop()
+
+
+async def test_a_missing_program_with_limits_is_a_clear_failure() -> None:
+    h = make_harness("")
+    await h.start()
+    await h.kernel.submit(SubmitRequest(action="exec", payload={
+        "argv": ["/no/such/program"], "limits": {"cpu_sec": 5}}))
+    run = await one_run(h)
+    assert run.error_code == "ERR_EXEC_FAILED"
+    assert run.detail.startswith("cannot start '/no/such/program'"), run.detail
     await h.stop()
 
 
