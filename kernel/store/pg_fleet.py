@@ -80,30 +80,39 @@ async def heartbeat(con: Con, kernel_id: str, now: float) -> bool:
     return row is not None
 
 
-async def _return_jobs(con: Con, dead: list[str]) -> Rescue:
+async def notify(con: Con, channel: str | None) -> None:
+    """Wake the fleet's claimers (delivered at commit; a hint, claimers also poll)."""
+    if channel is not None:
+        await con.execute("SELECT pg_notify($1, '')", channel)
+
+
+async def _return_jobs(con: Con, dead: list[str], channel: str | None) -> Rescue:
     if not dead:
         return Rescue(kernels=[], jobs=[], restarted=[])
     rows = await con.fetch(_RETURN_JOBS, dead)
+    if rows:
+        await notify(con, channel)
     return Rescue(kernels=dead, jobs=[r[0] for r in rows], restarted=[r[0] for r in rows if r[1]])
 
 
-async def expire_kernel(con: Con, kernel_id: str) -> Rescue:
+async def expire_kernel(con: Con, kernel_id: str, channel: str | None = None) -> Rescue:
     """Deregister ``kernel_id`` and return its jobs to pending (orderly stop, restart)."""
     async with con.transaction():
         dead = [r[0] for r in await con.fetch(
             "DELETE FROM kernels WHERE id = $1 RETURNING id", kernel_id)]
         if not dead:  # already rescued, or never registered: its jobs may still be owned
             dead = [kernel_id]
-        return await _return_jobs(con, dead)
+        return await _return_jobs(con, dead, channel)
 
 
-async def rescue_expired(con: Con, now: float, ttl: float) -> Rescue:
+async def rescue_expired(con: Con, now: float, ttl: float,
+                         channel: str | None = None) -> Rescue:
     """Declare dead every kernel whose heartbeat is older than ``now - ttl``; free its jobs."""
     async with con.transaction():
         dead = [r[0] for r in await con.fetch(
             "DELETE FROM kernels WHERE heartbeat_at < $1 RETURNING id", now - ttl)]
         dead.sort()
-        return await _return_jobs(con, dead)
+        return await _return_jobs(con, dead, channel)
 
 
 async def kernels(con: Con) -> list[KernelInfo]:
@@ -124,18 +133,23 @@ async def claim_due(con: Con, owner: str, now: float, horizon: float, limit: int
     return [ps.decode_job(*r[2:]) for r in rows]
 
 
-async def release(con: Con, owner: str, job_ids: Sequence[str]) -> int:
+async def release(con: Con, owner: str, job_ids: Sequence[str],
+                  channel: str | None = None) -> int:
     """Return ``owner``'s pending jobs among ``job_ids`` to the fleet; the number released."""
-    status = await con.execute(
-        "UPDATE jobs SET owner = NULL, claimed_at = NULL WHERE id = ANY($1::text[]) "
-        "AND owner = $2 AND state = 'pending'",
-        list(job_ids), owner,
-    )
-    return int(status.rsplit(" ", 1)[-1])
+    async with con.transaction():
+        status = await con.execute(
+            "UPDATE jobs SET owner = NULL, claimed_at = NULL WHERE id = ANY($1::text[]) "
+            "AND owner = $2 AND state = 'pending'",
+            list(job_ids), owner,
+        )
+        n = int(status.rsplit(" ", 1)[-1])
+        if n:
+            await notify(con, channel)
+    return n
 
 
 async def fire(con: Con, jobs: Sequence[Job], now: float, owner: str | None,
-               claim_before: float | None) -> list[bool]:
+               claim_before: float | None, channel: str | None = None) -> list[bool]:
     """Record cron occurrences fleet-wide; store the job of each occurrence won.
 
     One transaction: the occurrences are inserted into ``fired`` sorted by (task, instant) with
@@ -167,6 +181,8 @@ async def fire(con: Con, jobs: Sequence[Job], now: float, owner: str | None,
                       else None for i in won]
             await insert_jobs(con, [jobs[i] for i in won], [bodies[i] for i in won],
                               lambda k: now, owners.__getitem__)
+            if None in owners:
+                await notify(con, channel)
     mine = set(won)
     return [i in mine for i in range(len(jobs))]
 
@@ -188,6 +204,7 @@ __all__ = [
     "fire",
     "heartbeat",
     "kernels",
+    "notify",
     "purge_fired",
     "register",
     "release",

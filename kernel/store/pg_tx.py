@@ -410,17 +410,25 @@ _APPLY: Final[dict[type[Op], Callable[[Con, Sequence[Op]], Awaitable[None]]]] = 
 }
 
 
-async def apply_batch(con: Con, batch: Sequence[Op]) -> None:
-    """Apply ``batch`` in one transaction, in order; raise (rolled back) if anything fails."""
+async def apply_batch(con: Con, batch: Sequence[Op], channel: str | None = None) -> None:
+    """Apply ``batch`` in one transaction, in order; raise (rolled back) if anything fails.
+
+    If ``channel`` is given and the batch may have stored jobs, one ``NOTIFY channel`` is sent
+    with the commit (a hint that wakes claimers; it is delivered only if the batch commits).
+    """
     async with con.transaction():
         i = 0
+        stores_jobs = False
         while i < len(batch):
             kind = type(batch[i])
             j = i + 1
             while j < len(batch) and type(batch[j]) is kind:
                 j += 1
             await _APPLY[kind](con, batch[i:j])
+            stores_jobs = stores_jobs or kind is Submit or kind is Finish
             i = j
+        if channel is not None and stores_jobs:
+            await con.execute("SELECT pg_notify($1, '')", channel)
 
 
 # -- the other writes, as functions for Call ---------------------------------------------------

@@ -153,6 +153,9 @@ class PostgresStore(Store):
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.where = f"{redact(dsn)} (schema {schema})"
+        #: NOTIFY channel of this schema: every commit that may store or free jobs sends one.
+        self.channel = f"kernel_jobs:{schema}"
+        self._listener: asyncpg.Connection | None = None
         self._settings = {"search_path": ps.quote_ident(schema),
                           "application_name": "open-autoglm-kernel"}
         self._w: asyncpg.Connection | None = None
@@ -253,6 +256,9 @@ class PostgresStore(Store):
                 self._last_error = f"the writer task failed: {writer.exception()!r}"
         self._open = False
         try:
+            if self._listener is not None:
+                listener, self._listener = self._listener, None
+                await listener.close()
             if self._pool is not None:
                 await self._pool.close()
             if self._w is not None:
@@ -296,7 +302,7 @@ class PostgresStore(Store):
             for attempt in range(_RETRIES):
                 try:
                     con = await self._writer_con()
-                    await tx.apply_batch(con, batch)
+                    await tx.apply_batch(con, batch, self.channel)
                     error = None
                     break
                 except _RETRYABLE as e:
@@ -572,14 +578,14 @@ class PostgresStore(Store):
     async def expire_kernel(self, kernel_id: str) -> Rescue:
         """Deregister ``kernel_id`` and return its jobs to pending now (an orderly stop, or a
         restart on the same box taking back its predecessor's jobs without waiting the TTL)."""
-        return await self._on_pool(lambda c: fleet.expire_kernel(c, kernel_id),
+        return await self._on_pool(lambda c: fleet.expire_kernel(c, kernel_id, self.channel),
                                    "expiring a kernel")
 
     async def rescue_expired(self, now: float, ttl: float) -> Rescue:
         """Any kernel may call this: kernels whose heartbeat is older than ``now - ttl`` are
         deleted and their jobs returned to pending (attempt raised and ``recovered`` set for
         the ones that had started)."""
-        return await self._on_pool(lambda c: fleet.rescue_expired(c, now, ttl),
+        return await self._on_pool(lambda c: fleet.rescue_expired(c, now, ttl, self.channel),
                                    "rescuing expired kernels")
 
     async def claim_due(self, owner: str, now: float, horizon: float, limit: int, *,
@@ -597,7 +603,7 @@ class PostgresStore(Store):
     async def release(self, owner: str, job_ids: Sequence[str]) -> int:
         """Give back claimed jobs that have not started (e.g. a GPU job this box cannot
         admit soon) so that another kernel claims them; the number released."""
-        return await self._on_pool(lambda c: fleet.release(c, owner, job_ids),
+        return await self._on_pool(lambda c: fleet.release(c, owner, job_ids, self.channel),
                                    "releasing jobs")
 
     async def submit_claimed(self, jobs: Sequence[Job], now: float, owner: str,
@@ -636,7 +642,7 @@ class PostgresStore(Store):
         :meth:`purge_fired`. Raises ``ValueError`` for a job that is not an occurrence."""
         if not jobs:
             return []
-        return await self._on_pool(lambda c: fleet.fire(c, jobs, now, owner, claim_before),
+        return await self._on_pool(lambda c: fleet.fire(c, jobs, now, owner, claim_before, self.channel),
                                    "firing cron occurrences")
 
     async def purge_fired(self, before: float, batch: int = 5000) -> int:
@@ -661,6 +667,27 @@ class PostgresStore(Store):
             rows = await self._read("SELECT body FROM runs WHERE superseded AND job_id = $2 "
                                     "ORDER BY finished_at DESC, seq DESC LIMIT $1", limit, job_id)
         return [schema.decode_run(r[0]) for r in rows]
+
+    async def listen(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` (on the event loop) whenever a commit of any kernel of the fleet may
+        have stored or freed jobs: submissions, follow-ups, fired occurrences, releases,
+        rescues. A hint only: notifications can be lost with the connection, so a claimer also
+        polls. One listener per store; it lives until :meth:`close`."""
+        if not self._open:
+            raise StoreError(f"{self.where}: the store is not open")
+        if self._listener is not None:
+            raise ValueError("this store already has a listener")
+        con = await self._connect()
+
+        def on_notify(*_: object) -> None:
+            wake()
+
+        try:
+            await con.add_listener(self.channel, on_notify)
+        except (asyncpg.PostgresError, *_LOST) as e:
+            await con.close()
+            raise translate(e, self.where, "listening for notifications") from None
+        self._listener = con
 
     async def owned_jobs(self, owner: str) -> list[Job]:
         """The jobs ``owner`` holds, in due order (``/snapshot``; a kernel's own check)."""

@@ -252,3 +252,18 @@ async def test_a_dead_kernel_cannot_orphan_claims_made_during_its_rescue(fleet: 
         # Whatever the interleaving, no job is left owned by a kernel that no longer exists.
         assert await a.owned_jobs(kid) == []
         assert await a.kernels() == []
+
+
+async def test_commits_that_store_jobs_wake_the_fleets_listeners(fleet: Fleet) -> None:
+    a, b = await fleet.store(), await fleet.store()
+    woken = asyncio.Event()
+    await b.listen(woken.set)
+    with pytest.raises(ValueError, match="already has a listener"):
+        await b.listen(woken.set)
+    await a.submit([job("x", 1.0)], now=0.0)
+    await asyncio.wait_for(woken.wait(), timeout=10)
+    woken.clear()
+    await a.register_kernel("k", "h", 1, now=0.0)
+    await a.claim_due("k", now=1.0, horizon=0.0, limit=1)
+    assert await a.release("k", ["x"]) == 1
+    await asyncio.wait_for(woken.wait(), timeout=10)
