@@ -96,10 +96,12 @@ def killed_after_submitting(path: Path, n: int) -> None:
     assert p.returncode == -9, p.stderr.decode()
 
 
-def delete_wal(path: Path) -> Path:
+def delete_wal(path: Path, *, also_shm: bool = False) -> Path:
     wal = Path(f"{path}-wal")
     assert wal.stat().st_size > 0
     wal.unlink()
+    if also_shm:
+        Path(f"{path}-shm").unlink()
     return wal
 
 
@@ -138,6 +140,19 @@ async def test_a_wal_deleted_after_a_crash_is_reported_loudly(
         async with SqliteStore(path):
             pass
     assert lost_records(caplog) == []
+
+
+@pytest.mark.slow
+async def test_a_wal_and_shm_both_deleted_after_a_crash_are_reported_too(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "kernel.sqlite3"
+    killed_after_submitting(path, 20)
+    delete_wal(path, also_shm=True)
+    with caplog.at_level(logging.WARNING):
+        async with SqliteStore(path) as s:
+            assert await s.count_jobs() == 0
+    [rec] = lost_records(caplog)
+    assert "every write committed since the last checkpoint" in rec.getMessage()
 
 
 @pytest.mark.slow
