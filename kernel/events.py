@@ -106,6 +106,15 @@ class StoreFailed(Event, frozen=True):
     message: str
 
 
+class LoopStalled(Event, frozen=True):
+    """The event loop did not run for ``lag`` seconds beyond a tick (kernel.looplag): something
+    blocked it. ``job_ids`` are the runs in flight during the stall (the likely cause)."""
+
+    lag: float
+    job_ids: tuple[str, ...] = ()
+    task_ids: tuple[str, ...] = ()
+
+
 Subscriber = Callable[[Event], None]
 
 
