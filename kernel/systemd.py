@@ -123,7 +123,11 @@ async def feed(notifier: Notifier, clock: Clock, *, watchdog: float | None,
         due = clock.monotonic() + period
         await clock.sleep(period)
         lag = clock.monotonic() - due
-        lines = [f"STATUS={status()}"]
+        try:
+            lines = [f"STATUS={status()}"]
+        except Exception:  # a kernel that cannot describe itself is not healthy either
+            log.exception("cannot build the systemd status line: watchdog not fed")
+            continue
         if watchdog is not None:
             if lag < bound:
                 lines.insert(0, "WATCHDOG=1")

@@ -113,6 +113,28 @@ async def test_watchdog_is_fed_only_on_healthy_ticks(
     n.close()
 
 
+async def test_a_failing_status_is_not_fed_and_does_not_stop_the_loop(
+        notify_socket: tuple[socket.socket, str], caplog: pytest.LogCaptureFixture) -> None:
+    s, path = notify_socket
+    clock = FakeClock()
+    n = Notifier(path)
+    calls = iter([RuntimeError("snapshot broke"), "ok"])
+
+    def status() -> str:
+        value = next(calls)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    task = asyncio.ensure_future(feed(n, clock, watchdog=4.0, status=status, ticks=2))
+    await settle()
+    await clock.advance(2.0)
+    await task
+    assert _recv(s) == ["WATCHDOG=1", "STATUS=ok"]  # only the second tick sent anything
+    assert any("watchdog not fed" in r.message for r in caplog.records)
+    n.close()
+
+
 async def test_without_watchdog_only_status(notify_socket: tuple[socket.socket, str]) -> None:
     s, path = notify_socket
     clock = FakeClock()
