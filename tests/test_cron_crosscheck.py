@@ -30,6 +30,7 @@ TRANSITIONS = [
     ("Australia/Lord_Howe", "2026-04-04T15:00Z"), ("Australia/Lord_Howe", "2026-10-03T15:30Z"),
     ("Asia/Tehran", "2021-03-21T20:30Z"), ("Asia/Tehran", "2021-09-21T19:30Z"),
     ("Pacific/Apia", "2011-09-24T14:00Z"), ("Pacific/Apia", "2011-12-30T10:00Z"),
+    ("Europe/Riga", "2021-03-28T01:00Z"), ("Europe/Riga", "2021-10-31T01:00Z"),  # cronsim's own
 ]
 
 
