@@ -2,7 +2,9 @@
 ``pause``, ``resume``, ``trigger``, ``cancel``, ``backfill``.
 
 Every command takes ``--url`` (default ``$KERNEL_URL``, else http://127.0.0.1:8765), ``--token``
-(default ``$KERNEL_API_TOKEN``) and ``--json`` (print the API's JSON instead of a table).
+(default ``$KERNEL_API_TOKEN``, else, for a loopback URL only, the kernel's token file
+``<data dir>/api.token``, data dir ``$KERNEL_DATA_DIR`` or the default one) and ``--json`` (print
+the API's JSON instead of a table). Bodies are sent as ``application/json``.
 Exit status: 0 done, 1 the kernel is unreachable or refused the request (one line on stderr:
 ``error [CODE]: message``), 2 invalid arguments (argparse).
 """
@@ -16,15 +18,31 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
+from .api.security import loopback_name, read_token, token_path
+from .config import Config
 from .durations import parse_duration
 from .records import JobState, Outcome
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 TIMEOUT = 60.0
+
+
+def default_token(url: str) -> str | None:
+    """The token to send to ``url`` when none was given: ``$KERNEL_API_TOKEN``, else the local
+    kernel's token file, but only to a loopback URL (the file's token never leaves the box)."""
+    if env := os.environ.get("KERNEL_API_TOKEN"):
+        return env
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return None
+    if not loopback_name(host.lower()):
+        return None
+    return read_token(token_path(Config().data_dir()))
 
 
 class ClientFailure(Exception):
@@ -109,7 +127,7 @@ def _handler(fn: Command) -> Callable[[argparse.Namespace], int]:
         if not url.startswith(("http://", "https://")):
             print(f"error: --url {url!r} must start with http:// or https://", file=sys.stderr)
             return 2
-        token = a.token if a.token is not None else os.environ.get("KERNEL_API_TOKEN")
+        token = a.token if a.token is not None else default_token(url)
 
         async def main() -> Any:
             async with Client(url, token) as client:
@@ -134,7 +152,9 @@ def add_client_commands(sub: Any) -> None:
     g.add_argument("--url", default=None,
                    help=f"the kernel's API (default: $KERNEL_URL, else {DEFAULT_URL})")
     g.add_argument("--token", default=None,
-                   help="bearer token for a non-loopback API (default: $KERNEL_API_TOKEN)")
+                   help="bearer token (default: $KERNEL_API_TOKEN, else for a loopback URL "
+                        "the kernel's <data dir>/api.token; data dir: $KERNEL_DATA_DIR or "
+                        "~/.local/share/open-autoglm-kernel)")
     g.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
     def cmd(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:

@@ -25,13 +25,17 @@ REF = "#/components/schemas/{name}"
 ERRORS: dict[int, str] = {
     400: "The request is malformed or names something invalid (ERR_BAD_REQUEST, "
          "ERR_BAD_PAYLOAD, ERR_ACTION_NOT_FOUND, ERR_CONFIG_INVALID); `field` names the field.",
-    401: "A bearer token is needed (the API is bound to a non-loopback address) "
-         "(ERR_UNAUTHORIZED).",
+    401: "A bearer token is needed: the one in `<data_dir>/api.token` on a loopback address, "
+         "else the variable named by `[server] token_env` (ERR_UNAUTHORIZED).",
+    403: "Sent by a web page (a cross-site `Origin` or `Sec-Fetch-Site`) or with a foreign "
+         "`Host` (DNS rebinding) (ERR_FORBIDDEN_ORIGIN).",
     404: "No such job, task, trace or route (ERR_NOT_FOUND).",
     405: "The route exists but not with this method (ERR_BAD_REQUEST).",
     408: "The request body did not arrive within `[server] read_timeout` (ERR_BAD_REQUEST).",
     409: "The task exists already; replace it with PUT (ERR_CONFIG_INVALID).",
     413: "The body is larger than `[server] max_body_bytes` (ERR_BAD_REQUEST).",
+    415: "A body was sent without `Content-Type: application/json` "
+         "(ERR_UNSUPPORTED_MEDIA_TYPE).",
     429: "The ready queue is full; nothing was stored. Retry later (ERR_QUEUE_FULL).",
     500: "A bug in the kernel; it keeps running (ERR_INTERNAL).",
     503: "The kernel is starting or stopping (ERR_SHUTTING_DOWN), or the store failed "
@@ -41,6 +45,8 @@ ERRORS: dict[int, str] = {
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.ERR_NOT_FOUND: 404,
     ErrorCode.ERR_UNAUTHORIZED: 401,
+    ErrorCode.ERR_FORBIDDEN_ORIGIN: 403,
+    ErrorCode.ERR_UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorCode.ERR_QUEUE_FULL: 429,
     ErrorCode.ERR_SHUTTING_DOWN: 503,
     ErrorCode.ERR_STORE_UNAVAILABLE: 503,
@@ -53,8 +59,8 @@ STATUS: dict[ErrorCode, int] = {
 }
 """Status by error code; every other code is a client's mistake: 400."""
 
-_COMMON = (401, 500)
-_BODY = (400, 413, 408)
+_COMMON = (401, 403, 500)
+_BODY = (400, 413, 415, 408)
 _SUBMIT = (*_BODY, 429, 503)
 
 
@@ -101,8 +107,12 @@ ROUTES: tuple[Route, ...] = (
                       "A W3C `traceparent` header makes the job part of that trace."),
     Route("GET", "/jobs", "list_jobs", "List pending and running jobs", "jobs", 200, s.JobList,
           query=s.JobsQuery, errors=(400, 503)),
-    Route("GET", "/jobs/{id}", "get_job", "A pending or running job", "jobs", 200, s.JobOut,
-          errors=(404, 503), description="Finished jobs are history: see GET /runs."),
+    Route("GET", "/jobs/{id}", "get_job", "A job: live, or finished with its outcome", "jobs",
+          200, (s.JobOut, s.FinishedJobOut), errors=(404, 503),
+          description="A pending or running job as it is now (`JobOut`); a finished one as its "
+                      "last run in the history says (`FinishedJobOut`: `state` done or "
+                      "cancelled, with `outcome` and `error_code`), for as long as the history "
+                      "keeps it. 404 only for an id never submitted or pruned from history."),
     Route("DELETE", "/jobs/{id}", "cancel_job", "Cancel a pending, queued or running job",
           "jobs", 200, s.CancelOut, errors=(404, 503)),
     Route("GET", "/runs", "list_runs", "Query run history (newest first)", "runs", 200,
@@ -138,10 +148,10 @@ ROUTES: tuple[Route, ...] = (
           "The jobs are durable (committed).", body=s.BackfillIn, errors=(*_BODY, 404, 503),
           description="At most 10,000 occurrences per request."),
     Route("GET", "/healthz", "healthz", "Liveness and readiness", "kernel", 200, s.HealthOut,
-          errors=(503,), public=True,
+          errors=(403, 503), public=True,
           description="200 when the store is healthy and the kernel accepts work, else 503 "
                       "with the same body. Needs no token; store details are shown only to an "
-                      "authorised (or loopback) caller."),
+                      "authorised caller."),
     Route("GET", "/metrics", "metrics", "Prometheus metrics", "kernel", 200, None,
           errors=(404,), content_type="text/plain",
           description="404 when the kernel was started without a metrics exporter."),
@@ -156,11 +166,16 @@ ROUTES: tuple[Route, ...] = (
 def _schemas() -> tuple[dict[Any, dict[str, Any]], dict[str, Any]]:
     types: list[Any] = list(s.SCHEMA_TYPES)
     for r in ROUTES:
-        for t in (r.body, r.response, r.query):
+        for t in (r.body, *_alternatives(r.response), r.query):
             if t is not None and t not in types:
                 types.append(t)
     one, components = msgspec.json.schema_components(types, ref_template=REF)
     return dict(zip(types, one, strict=True)), components
+
+
+def _alternatives(response: Any) -> tuple[Any, ...]:
+    """A route's response types: one type, or a tuple of alternatives (``anyOf``)."""
+    return response if isinstance(response, tuple) else (response,)
 
 
 def _error_response(status: int) -> dict[str, Any]:
@@ -180,8 +195,10 @@ def document(*, version: str = "0.1.0") -> dict[str, Any]:
             props = components[r.query.__name__]["properties"]
             params += [{"name": k, "in": "query", "required": False, "schema": v}
                        for k, v in props.items()]
-        if r.response is not None:
-            ok_body: dict[str, Any] = {"schema": by_type[r.response]}
+        if isinstance(r.response, tuple):
+            ok_body: dict[str, Any] = {"schema": {"anyOf": [by_type[t] for t in r.response]}}
+        elif r.response is not None:
+            ok_body = {"schema": by_type[r.response]}
         elif r.name == "openapi":
             ok_body = {"schema": {"type": "object"}}
         else:
@@ -213,9 +230,12 @@ def document(*, version: str = "0.1.0") -> dict[str, Any]:
             "description": (
                 "The kernel's HTTP API: submit jobs, query runs, manage tasks. Errors are "
                 "`{\"error\": {\"code\", \"message\", \"field\"}}` with a stable `ERR_*` code "
-                "(`python -m kernel explain CODE`). On a loopback address no token is needed; "
-                "otherwise every route but GET /healthz needs `Authorization: Bearer <token>` "
-                "(the token is read from the variable named by `[server] token_env`). "
+                "(`python -m kernel explain CODE`). Every route but GET /healthz needs "
+                "`Authorization: Bearer <token>`: the variable named by `[server] token_env` "
+                "if set, else (on loopback) the token in `<data_dir>/api.token`. Request "
+                "bodies must be `application/json`, nested at most 64 deep; requests from web "
+                "pages (cross-site `Origin` / `Sec-Fetch-Site`) and foreign `Host`s are "
+                "refused (403), and no CORS headers are sent. "
                 + _TASK_RUNTIME),
         },
         "paths": paths,

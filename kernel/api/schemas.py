@@ -122,6 +122,28 @@ class JobOut(Struct, kw_only=True):
     recovered: bool
 
 
+class FinishedJobOut(Struct, kw_only=True):
+    """``GET /jobs/{id}`` of a job that has finished: its last run, as the history keeps it.
+
+    ``state`` is ``done`` (any outcome but cancelled) or ``cancelled``. A failed attempt that
+    is retried ends this job; the retry is a new job in the same trace (GET /runs/{trace_id}).
+    """
+
+    id: str
+    action: str
+    task_id: str | None
+    state: JobState
+    outcome: Outcome
+    error_code: str | None
+    detail: str
+    trace_id: str
+    scheduled_at: str | None
+    started_at: str | None
+    finished_at: str
+    attempt: int
+    recovered: bool
+
+
 class JobList(Struct, kw_only=True):
     jobs: list[JobOut]
     limit: int
@@ -238,7 +260,7 @@ class ErrorOut(Struct, kw_only=True):
 #: Every Struct named in /openapi.json (msgspec builds their JSON schemas).
 SCHEMA_TYPES: tuple[Any, ...] = (
     JobIn, BatchIn, TriggerIn, BackfillIn, JobsQuery, RunsQuery, TaskConfig,
-    JobAccepted, JobOut, JobList, CancelOut, RunOut, RunList, TaskOut, TaskList, TaskChanged,
+    JobAccepted, JobOut, FinishedJobOut, JobList, CancelOut, RunOut, RunList, TaskOut, TaskList, TaskChanged,
     BackfillOut, HealthOut, SnapshotOut, ErrorOut,
 )
 
@@ -315,6 +337,14 @@ def job_out(job: Job) -> JobOut:
         priority=job.priority, timeout=job.timeout, attempt=job.attempt,
         dedup_key=job.dedup_key, trace_id=job.trace_id, created_at=iso(job.created_at) or "",
         started_at=iso(job.started_at), recovered=job.recovered)
+
+
+def finished_job_out(run: RunRecord, state: JobState) -> FinishedJobOut:
+    return FinishedJobOut(
+        id=run.job_id, action=run.action, task_id=run.task_id, state=state, outcome=run.outcome,
+        error_code=run.error_code, detail=run.detail, trace_id=run.trace_id,
+        scheduled_at=iso(run.scheduled_at), started_at=iso(run.started_at),
+        finished_at=iso(run.finished_at) or "", attempt=run.attempt, recovered=run.recovered)
 
 
 def accepted(job: Job, existed: bool = False) -> JobAccepted:

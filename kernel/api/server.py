@@ -9,9 +9,13 @@ the one place where exceptions become responses:
 * aiohttp's own HTTP errors (no such route, wrong method, body too large) -> JSON errors;
 * anything else -> logged with its traceback, 500 ``ERR_INTERNAL``.
 
-Authentication: on a loopback address no token is needed. On any other address every request
-but ``GET /healthz`` needs ``Authorization: Bearer <token>``, the token read from the variable
-named by ``[server] token_env``; without it the service refuses to start.
+Who may call it (see :mod:`kernel.api.security` and the README's "Security model"): every
+request but ``GET /healthz`` needs ``Authorization: Bearer <token>``: the token in the variable
+named by ``[server] token_env`` if it is set, else (on a loopback address only) the one in the
+data dir's token file, created at start with mode 0600. A non-loopback address without the
+variable refuses to start. Before that, a guard refuses what a web browser sends on a page's
+behalf: a cross-site ``Origin`` / ``Sec-Fetch-Site``, a foreign ``Host`` (DNS rebinding), a body
+that is not ``application/json``; no CORS headers are ever sent.
 
 Timeouts: ``[server] read_timeout`` bounds receiving a body (408) and idle keep-alive;
 ``write_timeout`` bounds the work of a read-only (GET) request (503). A request that changes
@@ -24,7 +28,6 @@ import asyncio
 import collections
 import hmac
 import importlib.metadata
-import ipaddress
 import logging
 import os
 import re
@@ -47,11 +50,13 @@ from kernel.errors import (
     NotFound,
 )
 from kernel.events import ConfigReloaded, Event
-from kernel.records import RunQuery
+from kernel.records import JobState, Outcome, RunQuery
 from kernel.validate import validate
 
 from . import openapi
 from . import schemas as s
+from .security import is_loopback as is_loopback  # re-exported: the loopback test
+from .security import load_or_create_token, refusal, token_path
 
 log = logging.getLogger("kernel.api")
 
@@ -61,6 +66,9 @@ T = TypeVar("T")
 
 
 RELOADS_KEPT = 10
+#: The deepest nesting of arrays and objects a request body may have. Deeper JSON is a client's
+#: mistake (or an attack on the recursion limit), refused with 400 before it is decoded.
+MAX_JSON_DEPTH = 64
 _HTTP_CODES = {401: ErrorCode.ERR_UNAUTHORIZED, 404: ErrorCode.ERR_NOT_FOUND}
 _JSON = "application/json"
 _ENCODER = msgspec.json.Encoder()
@@ -102,33 +110,64 @@ def _bad_value(exc: msgspec.ValidationError, prefix: str = "",
     return RequestError(f"{field}: {text}" if field else text, field=field, code=code)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` keeps the API on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name (or "" = every address): treat it as reachable
+def token_required(cfg: Config) -> bool:
+    """Whether the API demands a token: always, unless ``[server] require_token = false`` on a
+    loopback address (read with a default while the config does not have the field)."""
+    srv = cfg.server
+    return not is_loopback(srv.host) or bool(getattr(srv, "require_token", True))
 
 
 def api_token(cfg: Config, *, require_token: bool | None = None) -> str | None:
-    """The bearer token the API demands, or ``None`` on loopback.
+    """The bearer token the API demands, or ``None`` when none is required.
 
-    :raises ConfigError: a token is needed but the variable named by ``token_env`` is unset.
+    The variable named by ``[server] token_env`` if set; else, on a loopback address, the token
+    file in the data dir (created, mode 0600, if missing). ``require_token`` overrides
+    :func:`token_required`.
+
+    :raises ConfigError: a non-loopback address without the variable, or a token file that
+        cannot be written.
     """
     srv = cfg.server
-    needed = not is_loopback(srv.host) if require_token is None else require_token
+    needed = token_required(cfg) if require_token is None else require_token
     if not needed:
         return None
     token = os.environ.get(srv.token_env, "")
-    if not token:
+    if token:
+        return token
+    if not is_loopback(srv.host):
         raise ConfigError([ConfigIssue(
             cfg.source, "[server].host",
             f"the API is bound to {srv.host!r}, which is not a loopback address, so it needs "
             f"a bearer token: set the environment variable {srv.token_env} (named by "
             "[server] token_env), or bind host = \"127.0.0.1\"")])
+    path = token_path(cfg.data_dir())
+    try:
+        token, what = load_or_create_token(path)
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(
+            cfg.source, "[kernel].data_dir",
+            f"cannot write the API token file {path}: {exc.strerror or exc} (the data dir must "
+            f"be writable by the kernel's user, or set {srv.token_env})")]) from None
+    if what != "kept":
+        log.log(logging.INFO if what == "created" else logging.WARNING,
+                "API token file %s %s", path, what)
     return token
+
+
+def _json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether ``raw`` (JSON, maybe invalid) nests arrays/objects deeper than ``limit``."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # cannot be deeper: the common case costs two C scans
+    depth = 0
+    for ch in _STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS):
+        depth += 1 if ch in (0x5B, 0x7B) else -1
+        if depth > limit:
+            return True
+    return False
+
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 # ================================================================================== the API
@@ -143,6 +182,11 @@ class Api:
         self._metrics = metrics
         self.token = token
         srv = kernel.config.server
+        self.bind_host = srv.host
+        self._token_hint = (f"the token is in {token_path(kernel.config.data_dir())}, readable "
+                            f"by the kernel's user, or in ${srv.token_env} if that is set"
+                            if is_loopback(srv.host) else
+                            f"the token is in the kernel's ${srv.token_env}")
         self.max_body = srv.max_body_bytes
         self.read_timeout = secs(srv.read_timeout) or None
         self.write_timeout = secs(srv.write_timeout) or None
@@ -159,7 +203,7 @@ class Api:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body,
-                              middlewares=[self._errors, self._auth])
+                              middlewares=[self._errors, self._guard, self._auth])
         for r in openapi.ROUTES:
             app.router.add_route(r.method, r.path, getattr(self, r.name), name=r.name)
         return app
@@ -218,11 +262,20 @@ class Api:
             cred.strip().encode("utf-8", "replace"), self.token.encode("utf-8", "replace"))
 
     @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse what a browser sends for a web page (see :mod:`kernel.api.security`)."""
+        no = refusal(request.method, request.headers, has_body=request.body_exists,
+                     bind_host=self.bind_host)
+        if no is not None:
+            raise RequestError(no.message, status=no.status, code=no.code)
+        return await handler(request)
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         public = request.method == "GET" and request.path == "/healthz"
         if not public and not self._authorised(request):
-            raise RequestError("this API needs 'Authorization: Bearer <token>' (the token is "
-                               "in the kernel's token_env variable)", status=401,
+            raise RequestError(f"this API needs 'Authorization: Bearer <token>' "
+                               f"({self._token_hint})", status=401,
                                code=ErrorCode.ERR_UNAUTHORIZED)
         return await handler(request)
 
@@ -238,17 +291,24 @@ class Api:
             raise _bad_value(exc) from None
         except msgspec.DecodeError as exc:
             raise RequestError(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:  # a backstop: _raw refuses deep nesting before this
+            raise _too_deep() from None
 
     async def _raw(self, request: web.Request) -> bytes:
+        """The body, within ``max_body_bytes`` and ``read_timeout``, nested at most
+        :data:`MAX_JSON_DEPTH` deep."""
         if request.content_length is not None and request.content_length > self.max_body:
             raise RequestError(f"the body is larger than [server] max_body_bytes "
                                f"({self.max_body})", status=413)
         try:
             async with asyncio.timeout(self.read_timeout):
-                return await request.read()
+                raw = await request.read()
         except TimeoutError:
             raise RequestError(f"the body did not arrive within [server] read_timeout "
                                f"({self.read_timeout:g} s)", status=408) from None
+        if _json_depth_exceeds(raw, MAX_JSON_DEPTH):
+            raise _too_deep()
+        return raw
 
     @staticmethod
     def _query(request: web.Request, typ: type[T]) -> T:
@@ -321,12 +381,19 @@ class Api:
                                offset=q.offset))
 
     async def get_job(self, request: web.Request) -> web.Response:
+        """A live job as it is; a finished one as its last run in the history says."""
         job_id = request.match_info["id"]
         job = await self.kernel.get_job(job_id)
-        if job is None:
-            raise NotFound(f"no pending or running job {job_id!r}; finished jobs are history "
-                           "(GET /runs)")
-        return _json(s.job_out(job))
+        if job is not None:
+            return _json(s.job_out(job))
+        runs = await self.kernel.store.query_runs(RunQuery(job_id=job_id, limit=1))
+        if runs:
+            run = runs[0]
+            state = JobState.CANCELLED if run.outcome is Outcome.CANCELLED else JobState.DONE
+            return _json(s.finished_job_out(run, state))
+        raise NotFound(f"no job {job_id!r}: it was never submitted, or it finished so long ago "
+                       "that its run left the history ([store] history_max_rows / "
+                       "history_max_age)")
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         job_id = request.match_info["id"]
@@ -377,6 +444,8 @@ class Api:
             raw = msgspec.json.decode(raw_body)
         except msgspec.DecodeError as exc:
             raise RequestError(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise _too_deep() from None
         if not isinstance(raw, dict):
             raise RequestError("the body must be a task table (a JSON object), as in "
                                "config.toml's [[tasks]]")
@@ -500,6 +569,10 @@ def _version() -> str:
         return "0+unknown"
 
 
+def _too_deep() -> RequestError:
+    return RequestError(f"the body nests arrays/objects more than {MAX_JSON_DEPTH} levels deep")
+
+
 def _kernel_field(exc: KernelError) -> str | None:
     """The field a kernel error is about, where its type or message says so."""
     if isinstance(exc, ActionNotFound):
@@ -549,7 +622,10 @@ async def api_service(kernel: Kernel, *, metrics: Metrics | None = None,
                 "process may use the port; port = 0 picks a free one)")]) from None
         kernel.api_url = _url(runner, srv.host)
         log.info("HTTP API listening on %s%s", kernel.api_url,
-                 "" if token is None else " (bearer token required)")
+                 " (no token required: [server] require_token = false)" if token is None else
+                 f" (bearer token required: {token_path(kernel.config.data_dir())})"
+                 if not os.environ.get(srv.token_env) else
+                 f" (bearer token required: ${srv.token_env})")
         await asyncio.Event().wait()
     finally:
         unsubscribe()

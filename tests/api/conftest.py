@@ -2,8 +2,10 @@
 
 ``serve()`` starts one (``api`` is the fixture for the default config) and gives an ``Api``:
 the harness (kernel, clock, recording action ``rec``), the base URL and ``call()``, a small JSON
-client. ``exec`` and ``python`` keep their payload schemas but run nothing here, so no request
-(fuzzed ones included) can start a program.
+client that behaves as a well-behaved local client does: it sends ``Content-Type:
+application/json`` with a body and the bearer token the kernel wrote to its data dir (a fresh
+temporary directory per kernel). ``exec`` and ``python`` keep their payload schemas but run
+nothing here, so no request (fuzzed ones included) can start a program.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from kernel.api.security import TOKEN_FILE
 from kernel.api.server import Metrics, api_service
 from kernel.app import KernelParts
 from kernel.clock import settle
@@ -71,6 +76,8 @@ class Api:
     h: Harness
     url: str
     http: aiohttp.ClientSession
+    data_dir: Path
+    token: str | None  # what the kernel wrote to <data_dir>/api.token, if it did
 
     @property
     def kernel(self) -> Any:
@@ -78,10 +85,17 @@ class Api:
 
     async def call(self, method: str, path: str, body: Any = _NO_BODY, *,
                    data: bytes | None = None, headers: dict[str, str] | None = None,
-                   params: dict[str, str] | None = None) -> Reply:
+                   params: dict[str, str] | None = None, auth: bool = True) -> Reply:
+        """``headers`` are added to (and replace) the defaults; ``auth=False`` sends no token."""
         if body is not _NO_BODY:
             data = json.dumps(body).encode()
-        async with self.http.request(method, self.url + path, data=data, headers=headers,
+        sent: dict[str, str] = {}
+        if data is not None:
+            sent["Content-Type"] = "application/json"
+        if auth and self.token is not None:
+            sent["Authorization"] = f"Bearer {self.token}"
+        sent.update(headers or {})
+        async with self.http.request(method, self.url + path, data=data, headers=sent,
                                      params=params) as resp:
             raw = await resp.read()
             try:
@@ -127,18 +141,25 @@ async def serve(text: str = CONFIG, *, store: Store | None = None,
     service = partial(api_service, metrics=metrics, require_token=require_token)
     h = make_harness(text, store=store, parts=KernelParts(services=[service]))
     make_safe(h)
-    if configure is not None:
-        configure(h)
-    await h.start()
-    try:
-        url = await wait_bound(h)
-        async with aiohttp.ClientSession() as http:
-            yield Api(h, url, http)
-    finally:
-        h.rec.release.set()
-        if h.task is not None and not h.task.done():
-            await h.stop()
-        await settle()
+    with tempfile.TemporaryDirectory(prefix="kernel-api-") as tmp:
+        data_dir = Path(tmp) / "data"
+        if not h.kernel.config.kernel.data_dir:
+            h.kernel.config.kernel.data_dir = str(data_dir)
+        data_dir = h.kernel.config.data_dir()
+        if configure is not None:
+            configure(h)
+        await h.start()
+        try:
+            url = await wait_bound(h)
+            token_file = data_dir / TOKEN_FILE
+            token = token_file.read_text().strip() if token_file.exists() else None
+            async with aiohttp.ClientSession() as http:
+                yield Api(h, url, http, data_dir, token)
+        finally:
+            h.rec.release.set()
+            if h.task is not None and not h.task.done():
+                await h.stop()
+            await settle()
 
 
 @pytest.fixture

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kernel.records import JobState, Outcome, RunQuery
+from kernel.store.base import Store
+from kernel.store.memory import MemoryStore
+from kernel.store.sqlite import SqliteStore
 
-from .conftest import T0, T0_ISO, Api
+from .conftest import CONFIG, T0, T0_ISO, Api, serve
 
 
 async def test_submit_is_201_and_the_job_is_in_the_store(api: Api) -> None:
@@ -38,7 +43,8 @@ async def test_the_job_runs_and_its_run_is_history(api: Api) -> None:
     r = await api.call("POST", "/jobs", {"action": "rec", "payload": {"result": "fine"}})
     await api.idle()
     assert [c.job_id for c in api.h.rec.calls] == [r.body["id"]]
-    assert (await api.call("GET", f"/jobs/{r.body['id']}")).status == 404
+    done = await api.call("GET", f"/jobs/{r.body['id']}")  # finished: its outcome, not 404
+    assert done.status == 200 and done.body["state"] == "done", done
     runs = await api.call("GET", f"/runs/{r.body['trace_id']}")
     assert runs.status == 200
     [run] = runs.body["runs"]
@@ -144,7 +150,8 @@ async def test_cancel_a_pending_and_a_running_job(api: Api) -> None:
     r = await api.call("DELETE", f"/jobs/{pending}")
     assert r.status == 200 and r.body == {"id": pending, "cancelled": True, "was": "pending"}
     assert (await api.call("DELETE", f"/jobs/{pending}")).error["code"] == "ERR_NOT_FOUND"
-    assert (await api.call("GET", f"/jobs/{pending}")).status == 404
+    gone = await api.call("GET", f"/jobs/{pending}")
+    assert gone.status == 200 and gone.body["state"] == "cancelled", gone
     await api.advance(61)
     assert pending not in {c.job_id for c in api.h.rec.calls}
 
@@ -208,3 +215,92 @@ async def test_runs_query_filters(api: Api) -> None:
                           ({"until": "1e999"}, "until"), ({"limit": "1001"}, "limit")):
         bad = await api.call("GET", "/runs", params=params)
         assert bad.status == 400 and bad.error["field"] == field, (params, bad)
+
+
+# ---------------------------------------------------------------------------------- deep JSON
+
+
+def _nested(depth: int) -> bytes:
+    return (b'{"action": "rec", "delay": 5, "payload": {"a": ' + b"[" * depth + b"]" * depth
+            + b"}}")
+
+
+@pytest.mark.parametrize("path", ["/jobs", "/jobs/batch", "/tasks", "/tasks/tick/trigger",
+                                  "/tasks/tick/backfill"])
+@pytest.mark.parametrize("depth", [1000, 100_000])
+async def test_json_nested_too_deep_is_400_not_a_500(api: Api, path: str, depth: int) -> None:
+    r = await api.call("POST", path, data=_nested(depth))
+    assert r.status == 400, r
+    assert r.error["code"] == "ERR_BAD_REQUEST" and "levels deep" in r.error["message"], r
+    assert await api.kernel.store.list_jobs() == []
+
+
+async def test_json_nesting_limit_is_64(api: Api) -> None:
+    # _nested(d) is d + 2 levels deep: the body's object and the payload object around it
+    assert (await api.call("POST", "/jobs", data=_nested(62))).status == 201
+    assert (await api.call("POST", "/jobs", data=_nested(63))).status == 400
+    brackets_in_text = b'{"action": "rec", "delay": 5, "payload": {"s": "' + b"[" * 500 + b'"}}'
+    assert (await api.call("POST", "/jobs", data=brackets_in_text)).status == 201
+
+
+# ---------------------------------------------------------------------------------- finished
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def both_stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Api]:
+    store: Store = MemoryStore() if request.param == "memory" else SqliteStore(
+        tmp_path / "kernel.sqlite3")
+    async with serve(store=store) as a:
+        yield a
+
+
+async def test_get_job_after_it_finished_gives_its_outcome_and_code(both_stores: Api) -> None:
+    api = both_stores
+
+    async def submit(body: dict[str, Any]) -> dict[str, Any]:
+        r = await api.call("POST", "/jobs", body)
+        assert r.status == 201, r
+        out: dict[str, Any] = r.body
+        return out
+
+    ok = await submit({"action": "rec", "payload": {"result": "fine"}})
+    failed = await submit({"action": "rec", "payload": {"mode": "fail", "message": "bad input",
+                                                        "code": "ERR_BAD_PAYLOAD"}})
+    cancelled = await submit({"action": "rec", "delay": 60})
+    running = await submit({"action": "rec", "payload": {"mode": "block"}})
+    assert (await api.call("DELETE", f"/jobs/{cancelled['id']}")).status == 200
+    await api.idle()
+
+    r = await api.call("GET", f"/jobs/{ok['id']}")
+    assert r.status == 200, r
+    assert {k: r.body[k] for k in ("id", "state", "outcome", "error_code", "detail", "trace_id",
+                                   "finished_at", "attempt")} == {
+        "id": ok["id"], "state": "done", "outcome": "succeeded", "error_code": None,
+        "detail": "fine", "trace_id": ok["trace_id"], "finished_at": T0_ISO, "attempt": 1}
+    r = await api.call("GET", f"/jobs/{failed['id']}")
+    assert (r.body["state"], r.body["outcome"], r.body["error_code"]) == (
+        "done", "failed", "ERR_BAD_PAYLOAD"), r
+    assert "bad input" in r.body["detail"]
+    r = await api.call("GET", f"/jobs/{cancelled['id']}")
+    assert (r.body["state"], r.body["outcome"], r.body["error_code"]) == (
+        "cancelled", "cancelled", "ERR_CANCELLED"), r
+    r = await api.call("GET", f"/jobs/{running['id']}")  # still live: the job itself
+    assert r.status == 200 and r.body["state"] == "running" and "payload" in r.body, r
+    never = await api.call("GET", "/jobs/0123456789abcdef0123456789abcdef")
+    assert never.status == 404 and never.error["code"] == "ERR_NOT_FOUND", never
+    assert "never submitted" in never.error["message"]
+
+
+async def test_a_retried_job_reports_its_own_attempt_and_the_retry_is_a_new_job() -> None:
+    text = CONFIG + ('[[tasks]]\nid = "flaky"\naction = "rec"\npayload = { mode = "fail", '
+                     'retryable = true }\nretry = { max_attempts = 2, initial_delay = "10s" }\n')
+    async with serve(text) as api:
+        r = await api.call("POST", "/tasks/flaky/trigger")
+        await api.idle()
+        first = await api.call("GET", f"/jobs/{r.body['id']}")
+        assert (first.body["state"], first.body["outcome"], first.body["attempt"]) == (
+            "done", "failed", 1), first
+        [retry] = await api.kernel.store.list_jobs(task_id="flaky")
+        assert retry.attempt == 2 and retry.trace_id == r.body["trace_id"]
+        live = await api.call("GET", f"/jobs/{retry.id}")
+        assert live.body["state"] == "pending" and live.body["kind"] == "retry", live

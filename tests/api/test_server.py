@@ -180,7 +180,9 @@ async def test_a_slow_body_is_408_after_read_timeout() -> None:
     async with serve(text) as api:
         host, port = api.url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        writer.write(b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + str(api.token).encode() + b"\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
         await writer.drain()
         head = await asyncio.wait_for(reader.read(200), timeout=5)  # waits for real I/O
         writer.close()
