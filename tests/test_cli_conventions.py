@@ -5,6 +5,7 @@ option, and tables that stay one line a row at 80 columns."""
 from __future__ import annotations
 
 import argparse
+import http.server
 import importlib.metadata
 import io
 import json
@@ -12,7 +13,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -234,6 +237,49 @@ def test_runs_table_shows_every_column_when_there_is_room() -> None:
     lines = _render(240)
     assert len(lines) == 5 and "not shown" not in "\n".join(lines)
     assert "0af7651916cd43dd8448eb211c80319c" in lines[3] and "after 3 attempts" in lines[3]
+
+
+@pytest.fixture
+def runs_server() -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 answering GET /runs like the kernel (canned rows)."""
+    runs = [{"finished_at": r[0].replace(" ", "T").replace("Z", "+00:00"), "task_id": r[1],
+             "action": r[2], "outcome": r[3], "error_code": r[4] or None, "attempt": int(r[5]),
+             "trace_id": r[6], "detail": r[7]} for r in RUN_ROWS]
+    body = json.dumps({"runs": runs}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join()
+
+
+@pytest.mark.xfail(strict=True, reason="kernel/client.py's _table must call "
+                   "kernel.tables.print_table (requested from the lead; not this file's owner)")
+def test_runs_command_is_one_line_a_row_at_80_columns(
+        runs_server: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["runs", "--url", runs_server, "--token", "t"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line.rstrip()) <= 80 for line in lines)
+    assert sum(line.startswith("2026-11-30 10:55:") for line in lines) == 2
+    assert len(lines) <= 7, "\n".join(lines)
 
 
 def test_plugins_table_fits_80_columns(monkeypatch: pytest.MonkeyPatch,
