@@ -50,7 +50,8 @@ def find_bin() -> Path | None:
 class PgCluster:
     """One initdb'd, started cluster; :meth:`stop` removes it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable  # fsync and synchronous_commit on (benchmarks), off for tests
         self.bin = find_bin()
         self.root = Path(tempfile.mkdtemp(prefix="kpg-"))  # short: a socket path is <= 107 B
         self.data = self.root / "data"
@@ -83,10 +84,12 @@ class PgCluster:
         )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr.strip()}")
+        sync = "on" if self.durable else "off"
         opts = " ".join([
             "-c listen_addresses=''", f"-c unix_socket_directories={self.root}",
-            "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
-            "-c shared_buffers=32MB", "-c max_connections=100", "-c wal_level=minimal",
+            f"-c fsync={sync}", f"-c synchronous_commit={sync}", f"-c full_page_writes={sync}",
+            f"-c shared_buffers={'128MB' if self.durable else '32MB'}",
+            "-c max_connections=100", "-c wal_level=minimal",
             "-c max_wal_senders=0", "-c autovacuum=off", "-c jit=off",
         ])
         start = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
