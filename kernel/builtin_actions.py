@@ -52,7 +52,7 @@ class ExecPayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     env: dict[str, str] = msgspec.field(default_factory=dict)
     inherit_env: bool = False
     cwd: str | None = None
-    grace: float = 5.0
+    grace: float = 3.0  # SIGTERM → SIGKILL; inside the kernel's cancel grace (5 s) on purpose
     limits: ExecLimits = msgspec.field(default_factory=ExecLimits)
     stdin: str | None = None
 
@@ -68,7 +68,7 @@ class PythonPayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass_context: bool = False
     in_process: bool = False        # run in the kernel's loop (async) or a thread (sync)
     memory_mb: int | None = None    # memory cap of the worker (default: [python] memory_mb)
-    grace: float = 5.0              # on timeout/cancel: SIGTERM, SIGKILL after this many seconds
+    grace: float = 2.0              # on timeout/cancel: SIGTERM, SIGKILL after this many seconds
 
     def __post_init__(self) -> None:
         if ":" not in self.target:

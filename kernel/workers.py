@@ -441,7 +441,7 @@ class WorkerPool:
 
     async def call(self, target: str, args: list[Any], kwargs: dict[str, Any], *,
                    context: dict[str, Any] | None = None, memory_mb: int | None = None,
-                   grace: float = 5.0, log_to: logging.Logger | None = None) -> Any:
+                   grace: float = 2.0, log_to: logging.Logger | None = None) -> Any:
         """Run ``target(*args, **kwargs)`` in a worker and return its result or raise its
         exception. Cancelling the awaiting task kills the worker (SIGTERM, SIGKILL after
         ``grace`` seconds) before the cancellation propagates."""
