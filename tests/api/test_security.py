@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import json
 import os
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -20,9 +21,11 @@ import pytest
 
 from kernel import client as client_mod
 from kernel.api.security import TOKEN_FILE, load_or_create_token
+from kernel.api.server import api_token
+from kernel.errors import ConfigError
 
-from ..test_crash_recovery import free_port
-from .conftest import Api, serve
+from ..harness import make_harness
+from .conftest import CONFIG, Api, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 ATTACK = json.dumps({"action": "exec", "payload": {"argv": ["touch", "pwned"]}}).encode()
@@ -59,6 +62,12 @@ async def call_raw(api: Api, method: str, path: str, body: bytes | None = None,
     if api.token is not None and "Authorization" not in hdrs:
         hdrs["Authorization"] = f"Bearer {api.token}"
     return await asyncio.to_thread(raw_request, api.url, method, path, body, hdrs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def host_of(api: Api) -> str:
@@ -286,3 +295,13 @@ async def test_the_issue_attack_against_python_m_kernel_run(tmp_path: Path) -> N
 
 def _names(folder: Path, pattern: str) -> list[str]:
     return sorted(p.name for p in folder.glob(pattern))
+
+
+def test_a_data_dir_that_cannot_hold_the_token_file_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the data dir should be")
+    h = make_harness(CONFIG)
+    h.kernel.config.kernel.data_dir = str(blocker)
+    with pytest.raises(ConfigError) as err:
+        api_token(h.kernel.config)
+    assert "[kernel].data_dir" in str(err.value) and "api.token" in str(err.value)
