@@ -251,7 +251,9 @@ class PythonRunner:
         return await self.pool.call(
             p.target, list(p.args), dict(p.kwargs),
             context=_context_fields(ctx) if p.pass_context else None,
-            memory_mb=p.memory_mb, grace=p.grace, log_to=ctx.log.logger)
+            memory_mb=p.memory_mb, gpu=ctx.gpu_index,
+            env={k: v for k, v in ctx.env().items() if k != "CUDA_VISIBLE_DEVICES"},
+            grace=p.grace, log_to=ctx.log.logger)
 
     async def close(self) -> None:
         if self.pool is not None:

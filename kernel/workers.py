@@ -15,7 +15,11 @@ in whatever state they are. Each worker, before it runs anything:
   kills the worker's process group when it closes (kernel exit, crash or SIGKILL).
 
 A worker runs one call at a time: a sync target in its main thread, an async target in the
-worker's own event loop (an ``asyncio.Runner`` kept across calls). ``sys.exit`` in a target
+worker's own event loop (an ``asyncio.Runner`` kept across calls). Workers are kept apart by
+*shape*, what is fixed when a worker starts: its memory cap and the GPU it sees
+(``CUDA_VISIBLE_DEVICES``, read once by CUDA); a call gets an idle worker of its shape or a new
+one. The run's ``KERNEL_*`` variables are set in the worker's environment for each call, so
+processes a target starts see them as ``exec`` children do. ``sys.exit`` in a target
 ends the call, not the worker. Results and exceptions cross back pickled; the kernel unpickles
 them with an allow-list of built-in types only, so a reply never imports user code into the
 kernel: other results arrive as their ``repr``, other exceptions as an ActionError naming the
@@ -29,7 +33,7 @@ worker: SIGTERM to the worker's process group, SIGKILL after ``grace`` seconds. 
 starts a fresh worker.
 
 Wire protocol on a socketpair: frames of an 8-byte big-endian length and a pickle.
-kernel → worker ``("call", target, args, kwargs, context | None)``;
+kernel → worker ``("call", target, args, kwargs, context | None, env)``;
 worker → kernel ``("ready", pid)``, ``("log", record dict)``, ``("ok", result, rss_mb)``,
 ``("err", exception description, traceback text, rss_mb)``.
 """
@@ -263,8 +267,19 @@ def _result(value: Any) -> Any:
             return f"<unrepresentable {type(value).__name__}: {exc}>"
 
 
-def worker_main(sock: socket.socket, alive: socket.socket, memory_mb: int | None) -> None:
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a worker is started with and cannot change afterwards."""
+
+    memory_mb: int | None = None
+    gpu: int | None = None
+
+
+def worker_main(sock: socket.socket, alive: socket.socket, shape: Shape) -> None:
     """The body of a worker process (the target of ``multiprocessing.Process``)."""
+    memory_mb = shape.memory_mb
+    if shape.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(shape.gpu)
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -291,7 +306,8 @@ def worker_main(sock: socket.socket, alive: socket.socket, memory_mb: int | None
         msg = chan.recv()
         if msg is None or msg[0] != "call":
             break
-        _, target, args, kwargs, ctx = msg
+        _, target, args, kwargs, ctx, env = msg
+        os.environ.update(env)
         try:
             reply: tuple[Any, ...] = ("ok", _result(_call(runner, target, args, kwargs, ctx)))
         except BaseException as exc:  # everything crosses back; the worker carries on
@@ -373,7 +389,7 @@ def _kill_group(pid: int, sig: int) -> None:
 class _Worker:
     proc: BaseProcess
     pid: int
-    memory_mb: int | None
+    shape: Shape
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     alive: socket.socket
@@ -441,6 +457,7 @@ class WorkerPool:
 
     async def call(self, target: str, args: list[Any], kwargs: dict[str, Any], *,
                    context: dict[str, Any] | None = None, memory_mb: int | None = None,
+                   gpu: int | None = None, env: dict[str, str] | None = None,
                    grace: float = 2.0, log_to: logging.Logger | None = None) -> Any:
         """Run ``target(*args, **kwargs)`` in a worker and return its result or raise its
         exception. Cancelling the awaiting task kills the worker (SIGTERM, SIGKILL after
@@ -449,12 +466,14 @@ class WorkerPool:
             raise ActionError("python workers are stopping", code=ErrorCode.ERR_SHUTTING_DOWN)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.settings.workers)
-        cap = memory_mb if memory_mb is not None else self.settings.memory_mb
+        shape = Shape(memory_mb if memory_mb is not None else self.settings.memory_mb, gpu)
         async with self._slots:
-            w = self._take_idle(cap) or await self._spawn(cap)
+            if self._closed:
+                raise ActionError("python workers are stopping", code=ErrorCode.ERR_SHUTTING_DOWN)
+            w = self._take_idle(shape) or await self._spawn(shape)
             self._busy.add(w)
             try:
-                await w.send(("call", target, args, kwargs, context))
+                await w.send(("call", target, args, kwargs, context, env or {}))
                 while True:
                     msg = safe_loads(await w.recv())
                     if msg[0] == "log":
@@ -492,12 +511,12 @@ class WorkerPool:
             log_to.debug("python target %s raised in worker %d:\n%s", target, w.pid, msg[2])
         raise _rebuild(msg[1])
 
-    def _take_idle(self, cap: int | None) -> _Worker | None:
+    def _take_idle(self, shape: Shape) -> _Worker | None:
         for i, w in enumerate(self._idle):
-            if w.memory_mb == cap:
+            if w.shape == shape:
                 return self._idle.pop(i)
         if self._idle and len(self._idle) + len(self._busy) >= self.settings.workers:
-            # no room for one more process: retire an idle worker with another memory cap
+            # no room for one more process: retire an idle worker of another shape
             self._schedule_retire(self._idle.pop(0))
         return None
 
@@ -506,24 +525,33 @@ class WorkerPool:
         self._reaping.add(t)
         t.add_done_callback(self._reaping.discard)
 
-    async def _spawn(self, cap: int | None) -> _Worker:
+    async def _spawn(self, shape: Shape) -> _Worker:
         parent, child = socket.socketpair()
         alive, alive_child = socket.socketpair()
-        proc = self.mp_context.Process(target=worker_main, args=(child, alive_child, cap),
+        proc = self.mp_context.Process(target=worker_main, args=(child, alive_child, shape),
                                        name="kernel-python-worker", daemon=True)
+        # in a thread: the first start waits for the fork server to boot
+        starting = asyncio.ensure_future(asyncio.to_thread(proc.start))
         try:
-            await asyncio.to_thread(proc.start)  # the first start waits for the fork server
+            await asyncio.shield(starting)
         except BaseException:
-            for s in (parent, child, alive, alive_child):
-                s.close()
+            def abandon(f: asyncio.Future[None]) -> None:
+                for sock in (parent, child, alive, alive_child):
+                    sock.close()  # a worker that did start sees `alive` close and kills itself
+                if not f.cancelled() and f.exception() is None and proc.pid is not None:
+                    _kill_group(proc.pid, signal.SIGKILL)
+
+            if starting.done():
+                abandon(starting)
+            else:
+                starting.add_done_callback(abandon)
             raise
-        finally:
-            child.close()
-            alive_child.close()
+        child.close()
+        alive_child.close()
         assert proc.pid is not None
         self._pids.add(proc.pid)
         reader, writer = await asyncio.open_unix_connection(sock=parent)
-        w = _Worker(proc, proc.pid, cap, reader, writer, alive)
+        w = _Worker(proc, proc.pid, shape, reader, writer, alive)
         self.started += 1
         try:
             async with asyncio.timeout(self.settings.start_timeout):
@@ -540,7 +568,11 @@ class WorkerPool:
 
     async def _reap_dead(self, w: _Worker) -> int | None:
         """A worker that closed its connection: its exit code (it is then gone for good)."""
-        code = await _wait_exit(w.proc, 5.0)
+        try:
+            code = await _wait_exit(w.proc, 5.0)
+        except BaseException:
+            self._schedule_retire(w)
+            raise
         if code is None:
             await self._retire(w, 0.0)
         else:

@@ -87,3 +87,7 @@ def with_context(ctx: Any = None) -> str:
     ctx.log.warning("hello from the worker")
     logging.getLogger("user.module").warning("a library logs too")
     return f"{ctx.job_id} {ctx.attempt} {os.getpid()}"
+
+
+def env(name: str) -> str | None:
+    return os.environ.get(name)

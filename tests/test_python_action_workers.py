@@ -125,6 +125,16 @@ async def test_python_runs_in_a_worker_by_default_and_in_process_on_request() ->
     await h.stop()
 
 
+async def test_the_runs_kernel_variables_reach_the_worker() -> None:
+    h = make_harness("")
+    await h.start()
+    res = await h.kernel.submit(SubmitRequest(action="python", payload={
+        "target": f"{T}:env", "args": ["KERNEL_JOB_ID"]}))
+    (run,) = await runs(h, 1)
+    assert run.detail == res.job.id
+    await h.stop()
+
+
 async def test_the_config_can_keep_python_in_process() -> None:
     h = harness_with({"in_process": True})
     await h.start()

@@ -95,6 +95,18 @@ async def test_results_and_exceptions_cross_back_without_importing_user_code() -
         await pool.close()
 
 
+async def test_a_gpu_is_part_of_a_workers_shape_and_env_is_set_per_call() -> None:
+    pool = WorkerPool(PythonSettings(workers=2))
+    try:
+        assert await pool.call(f"{T}:env", ["CUDA_VISIBLE_DEVICES"], {}, gpu=1) == "1"
+        assert await pool.call(f"{T}:env", ["CUDA_VISIBLE_DEVICES"], {}) is None
+        assert await pool.call(f"{T}:env", ["KERNEL_JOB_ID"], {},
+                               env={"KERNEL_JOB_ID": "j1"}) == "j1"
+        assert pool.stats().started == 2  # one worker per GPU shape
+    finally:
+        await pool.close()
+
+
 def test_the_kernel_side_unpickles_plain_values_only() -> None:
     import pickle
 
