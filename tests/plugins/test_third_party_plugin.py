@@ -109,3 +109,10 @@ def test_tiny_plugin_installs_with_pip_and_is_listed(tmp_path: Path) -> None:
         "sys.exit(a.handler(a))\n"),
         "tiny", "hello", "--name", "box", "--shout", "--config", "config.toml"], tmp_path, env)
     assert cli.stdout.strip() == "AHOY, BOX"
+
+
+def test_the_guide_shows_the_tiny_plugin_as_it_is() -> None:
+    guide = (REPO / "docs" / "PLUGINS.md").read_text("utf-8")
+    code = (DIST / "tiny_plugin" / "__init__.py").read_text("utf-8")
+    body = code[code.index("from __future__"):]
+    assert f"```python\n{body}```" in guide, "docs/PLUGINS.md step 3 differs from tiny_plugin"
