@@ -70,9 +70,11 @@ class PluginSet:
     plugins: dict[str, str] = field(default_factory=dict)  # name -> distribution/version or module
     lifespans: list[tuple[str, Lifespan]] = field(default_factory=list)  # in registration order
 
-    def problem(self, plugin: str, message: str, detail: str = "") -> None:
-        self.problems.append(PluginProblem(plugin, message, detail))
-        log.error("plugin %s: %s [%s]", plugin, message, ErrorCode.ERR_PLUGIN_LOAD)
+    def problem(self, plugin: str, message: str, detail: str = "") -> PluginProblem:
+        """Record a problem (the CLI and the kernel's start-up report the list)."""
+        found = PluginProblem(plugin, message, detail)
+        self.problems.append(found)
+        return found
 
     @contextlib.asynccontextmanager
     async def lifecycle(self) -> AsyncIterator[None]:
@@ -86,8 +88,9 @@ class PluginSet:
                 try:
                     await stack.enter_async_context(_Guarded(name, factory()))
                 except Exception as exc:
-                    self.problem(name, f"its lifespan failed to start: "
-                                 f"{type(exc).__name__}: {exc}", traceback.format_exc())
+                    found = self.problem(name, f"its lifespan failed to start: "
+                                         f"{type(exc).__name__}: {exc}", traceback.format_exc())
+                    log.error("%s; the kernel runs without it", found)  # no one else reports it
             yield
 
     def action(self, name: str) -> Action:
@@ -146,6 +149,7 @@ def _register(extra: Iterable[tuple[str, object]], use_entry_points: bool,
                 pm.register(obj, name=ep.name)
             except Exception as exc:
                 ps.problem(ep.name, f"failed to load {ep.value!r}: {exc}", traceback.format_exc())
+                log.error("plugin %s failed to load: %s", ep.name, exc)
                 continue
             dist = getattr(ep, "dist", None)
             ps.plugins[ep.name] = f"{dist.name} {dist.version}" if dist is not None else ep.value
