@@ -166,7 +166,7 @@ def _json_depth_exceeds(raw: bytes, limit: int) -> bool:
     return False
 
 
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes included
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 

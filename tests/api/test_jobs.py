@@ -241,6 +241,8 @@ async def test_json_nesting_limit_is_64(api: Api) -> None:
     assert (await api.call("POST", "/jobs", data=_nested(63))).status == 400
     brackets_in_text = b'{"action": "rec", "delay": 5, "payload": {"s": "' + b"[" * 500 + b'"}}'
     assert (await api.call("POST", "/jobs", data=brackets_in_text)).status == 201
+    escaped = {"action": "rec", "delay": 5, "payload": {"s": '\\"' + "[" * 500 + '\\'}}
+    assert (await api.call("POST", "/jobs", escaped)).status == 201
 
 
 # ---------------------------------------------------------------------------------- finished
