@@ -1,11 +1,15 @@
 """Worker processes for ``python`` actions: user code runs outside the kernel's event loop.
 
-A :class:`WorkerPool` keeps up to ``workers`` processes. They are started with the
-``forkserver`` context on Linux (``spawn`` elsewhere), never by forking the kernel itself: the
-kernel has threads (the store writer, aiosqlite, ``to_thread``) and a fork copies their locks
-in whatever state they are. Each worker, before it runs anything:
+A :class:`WorkerPool` keeps up to ``workers`` processes. Each is a fresh interpreter
+(``python -c``, fork+exec by ``asyncio.create_subprocess_exec``, in a session of its own so a
+kill reaches the target's children too), never a fork of the kernel: the kernel has threads
+(the store writer, aiosqlite, ``to_thread``) and a fork copies their locks in whatever state
+they are. This is multiprocessing's ``spawn`` start, without ``multiprocessing``: its spawn and
+forkserver starts re-import the kernel's ``__main__`` script in every worker (a script that
+embeds the kernel without an ``if __name__ == "__main__"`` guard would run again), and need a
+thread for the first start; here the worker gets only the kernel's ``sys.path``. Each worker,
+before it runs anything:
 
-* starts a session of its own, so a kill reaches the target's own children too;
 * ignores SIGINT (Ctrl-C is the kernel's to handle; the kernel then stops its workers);
 * caps its memory with ``RLIMIT_DATA`` set in the worker itself (never a ``preexec_fn``):
   a target that allocates beyond the cap gets ``MemoryError`` and the run fails with
@@ -46,9 +50,9 @@ import contextlib
 import importlib
 import inspect
 import io
+import json
 import logging
 import math
-import multiprocessing
 import os
 import pickle
 import signal
@@ -59,8 +63,6 @@ import threading
 import traceback
 import weakref
 from dataclasses import dataclass, field
-from multiprocessing.context import ForkServerContext, SpawnContext
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 import msgspec
@@ -70,6 +72,7 @@ from .errors import ActionError, BadPayload, ErrorCode, KernelError, Retry
 log = logging.getLogger("kernel.workers")
 
 _HDR = struct.Struct("!Q")
+_KERNEL_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds ``kernel/``
 _MB = 1024 * 1024
 
 
@@ -275,17 +278,25 @@ class Shape:
     gpu: int | None = None
 
 
+# The worker's command line: python -c BOOT <sys.path as JSON> <socket fd> <alive fd> <shape>
+_BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+         "from kernel.workers import boot; boot(sys.argv[2:])")
+
+
+def boot(argv: list[str]) -> None:
+    """Entry point of a worker process (see ``_BOOT``)."""
+    sock_fd, alive_fd, memory_mb, gpu = argv
+    worker_main(socket.socket(fileno=int(sock_fd)), socket.socket(fileno=int(alive_fd)),
+                Shape(int(memory_mb) if memory_mb else None, int(gpu) if gpu else None))
+
+
 def worker_main(sock: socket.socket, alive: socket.socket, shape: Shape) -> None:
-    """The body of a worker process (the target of ``multiprocessing.Process``)."""
+    """The body of a worker process."""
     memory_mb = shape.memory_mb
     if shape.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(shape.gpu)
-    os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # a worker is a daemon for the kernel (ended with it), but a target may start processes
-    with contextlib.suppress(AssertionError):
-        multiprocessing.current_process().daemon = False
     threading.Thread(target=_watch_parent, args=(alive,), name="kernel-watchdog",
                      daemon=True).start()
     if memory_mb is not None:
@@ -369,15 +380,6 @@ def _how(code: int | None) -> str:
     return f"exit status {code}"
 
 
-MpContext = ForkServerContext | SpawnContext
-
-
-def _default_context() -> MpContext:
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("forkserver")
-    return multiprocessing.get_context("spawn")
-
-
 def _kill_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -387,7 +389,7 @@ def _kill_group(pid: int, sig: int) -> None:
 
 @dataclass(eq=False)
 class _Worker:
-    proc: BaseProcess
+    proc: asyncio.subprocess.Process
     pid: int
     shape: Shape
     reader: asyncio.StreamReader
@@ -407,24 +409,13 @@ class _Worker:
         return data
 
 
-async def _wait_exit(proc: BaseProcess, timeout: float | None) -> int | None:
-    """The exit code once the process has ended (None if it still runs after ``timeout``);
-    waits on the process's sentinel, never blocking the loop."""
-    code = proc.exitcode
-    if code is not None:
-        return code
-    loop = asyncio.get_running_loop()
-    ended = asyncio.Event()
-    fd = proc.sentinel
-    loop.add_reader(fd, ended.set)
+async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float | None) -> int | None:
+    """The exit code once the process has ended (None if it still runs after ``timeout``)."""
     try:
         async with asyncio.timeout(timeout):
-            await ended.wait()
+            return await proc.wait()
     except TimeoutError:
         return None
-    finally:
-        loop.remove_reader(fd)
-    return proc.exitcode
 
 
 @dataclass(eq=False)
@@ -432,7 +423,6 @@ class WorkerPool:
     """Up to ``settings.workers`` worker processes; :meth:`call` runs one target in one."""
 
     settings: PythonSettings = field(default_factory=PythonSettings)
-    mp_context: MpContext = field(default_factory=_default_context)
     started: int = 0
     recycled: int = 0
     killed: int = 0
@@ -528,27 +518,24 @@ class WorkerPool:
     async def _spawn(self, shape: Shape) -> _Worker:
         parent, child = socket.socketpair()
         alive, alive_child = socket.socketpair()
-        proc = self.mp_context.Process(target=worker_main, args=(child, alive_child, shape),
-                                       name="kernel-python-worker", daemon=True)
-        # in a thread: the first start waits for the fork server to boot
-        starting = asyncio.ensure_future(asyncio.to_thread(proc.start))
         try:
-            await asyncio.shield(starting)
-        except BaseException:
-            def abandon(f: asyncio.Future[None]) -> None:
-                for sock in (parent, child, alive, alive_child):
-                    sock.close()  # a worker that did start sees `alive` close and kills itself
-                if not f.cancelled() and f.exception() is None and proc.pid is not None:
-                    _kill_group(proc.pid, signal.SIGKILL)
-
-            if starting.done():
-                abandon(starting)
-            else:
-                starting.add_done_callback(abandon)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _BOOT, json.dumps([_KERNEL_ROOT, *sys.path]),
+                str(child.fileno()), str(alive_child.fileno()),
+                "" if shape.memory_mb is None else str(shape.memory_mb),
+                "" if shape.gpu is None else str(shape.gpu),
+                stdin=asyncio.subprocess.DEVNULL, pass_fds=(child.fileno(), alive_child.fileno()),
+                start_new_session=True)
+        except BaseException as exc:
+            for sock in (parent, alive):
+                sock.close()
+            if isinstance(exc, OSError):
+                raise ActionError(f"cannot start a python worker ({sys.executable}): {exc}",
+                                  code=ErrorCode.ERR_WORKER_DIED) from None
             raise
-        child.close()
-        alive_child.close()
-        assert proc.pid is not None
+        finally:
+            child.close()
+            alive_child.close()
         self._pids.add(proc.pid)
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         w = _Worker(proc, proc.pid, shape, reader, writer, alive)
@@ -585,10 +572,10 @@ class WorkerPool:
         then SIGKILL the group; closing ``alive`` makes the worker's watchdog kill it too."""
         if w.gone:
             return
-        if grace > 0 and w.proc.exitcode is None:
+        if grace > 0 and w.proc.returncode is None:
             _kill_group(w.pid, signal.SIGTERM)
             await _wait_exit(w.proc, grace)
-        if w.proc.exitcode is None:
+        if w.proc.returncode is None:
             _kill_group(w.pid, signal.SIGKILL)
         else:  # the leader is gone; children it left in its group are not
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -604,9 +591,6 @@ class WorkerPool:
         w.alive.close()
         w.writer.close()
         self._pids.discard(w.pid)
-        with contextlib.suppress(ValueError):  # ValueError: it still runs (cannot happen)
-            if w.proc.exitcode is not None:
-                w.proc.close()
 
     async def close(self) -> None:
         """Kill every worker and wait for them: idle ones at once, busy ones (a pool closed
