@@ -191,3 +191,35 @@ async def test_workers_die_with_a_kernel_that_is_killed(tmp_path: Path) -> None:
         if parent.returncode is None:
             parent.kill()
             await parent.wait()
+
+
+SCRIPT = textwrap.dedent("""
+    # no `if __name__ == "__main__"` guard, on purpose
+    import asyncio, sys
+    sys.path.insert(0, {root!r})
+    with open({runs!r}, "a") as f:
+        f.write("ran\\n")
+    from kernel.workers import PythonSettings, WorkerPool
+    async def main():
+        pool = WorkerPool(PythonSettings(workers=2))
+        print(await asyncio.gather(pool.call("os:getpid", [], {{}}),
+                                   pool.call("os:getpid", [], {{}})))
+        await pool.close()
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.slow
+async def test_workers_never_re_run_the_kernels_main_script(tmp_path: Path) -> None:
+    """multiprocessing's spawn and forkserver starts import ``__main__`` again in each worker;
+    a script that embeds the kernel without a main guard would run again there."""
+    runs = tmp_path / "runs"
+    script = tmp_path / "embedding.py"
+    script.write_text(SCRIPT.format(root=ROOT, runs=str(runs)))
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), cwd=str(tmp_path),
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(60):
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert runs.read_text() == "ran\n"
