@@ -131,6 +131,7 @@ def smtp_server() -> Iterator[SmtpServer]:
 class Hook:
     headers: dict[str, str]
     body: bytes
+    peer: tuple[str, int] | None = None  # the client's address: one per kept-alive connection
 
 
 @dataclass
@@ -140,7 +141,9 @@ class WebhookServer:
     received: list[Hook] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.received.append(Hook(dict(request.headers), await request.read()))
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        peer = (str(peername[0]), int(peername[1])) if peername else None
+        self.received.append(Hook(dict(request.headers), await request.read(), peer))
         status = self.statuses.pop(0) if self.statuses else 200
         return web.json_response({"ok": status < 400}, status=status)
 

@@ -79,3 +79,15 @@ def test_each_plugin_reports_its_settings_through_the_one_loader(
     assert f"[plugins.{name}]" in problem.message
     for w in words:
         assert w in problem.message, problem.message
+
+
+async def test_alerts_send_keeps_one_session_while_the_kernel_runs(
+        webhook_server: WebhookServer) -> None:
+    ps = load(PluginContext(settings={"alerts": {"webhook": {"url": webhook_server.url}}}),
+              extra=[("alerts", alerts_plugin)], use_entry_points=False)
+    send = ps.action("alerts.send")
+    async with ps.lifecycle():
+        for i in range(3):
+            await send.run(make_ctx(), ps.decode_payload(send, {"subject": f"s{i}"}))
+    assert len(webhook_server.received) == 3
+    assert len({h.peer for h in webhook_server.received}) == 1  # one kept-alive connection

@@ -10,14 +10,15 @@ dropped (and logged).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 
 from kernel.errors import ActionError, ErrorCode
 from kernel.events import Event
-from kernel.hookspecs import Action, PluginContext, RunContext, Subscriber, hookimpl
+from kernel.hookspecs import Action, Lifespan, PluginContext, RunContext, Subscriber, hookimpl
 from kernel.settings import SettingsError, plugin_settings
 from kernel.templates import TemplateError, file_reader, render, text, time_variables
 
@@ -94,6 +95,26 @@ class AlertsPlugin:
     def __init__(self, settings: Settings, *, sleep: Sleep = asyncio.sleep) -> None:
         self.settings = settings
         self.sleep = sleep
+        self._session: aiohttp.ClientSession | None = None  # open within lifespan()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Held open while the kernel runs: ``alerts.send`` reuses one HTTP session."""
+        async with aiohttp.ClientSession() as session:
+            self._session = session
+            try:
+                yield
+            finally:
+                self._session = None
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """The lifespan's session, or one for this run only outside it."""
+        if self._session is not None and not self._session.closed:
+            yield self._session
+            return
+        async with aiohttp.ClientSession() as own:
+            yield own
 
     async def send(self, ctx: RunContext, p: SendPayload) -> str:
         names: Sequence[str] = p.channels or self.settings.channels()
@@ -116,7 +137,7 @@ class AlertsPlugin:
         msg = Outgoing(subject, body, ctx.scheduled_at, ctx.trace_id,
                        {"kind": "message", "task_id": ctx.task_id, "job_id": ctx.job_id})
         done: list[str] = []
-        async with aiohttp.ClientSession() as session:
+        async with self.session() as session:
             channels = Channels(self.settings, session, self.sleep)
             for name in names:
                 try:
@@ -133,9 +154,21 @@ def _settings(context: PluginContext) -> Settings:
     return context.shared("alerts", lambda: plugin_settings(context, "alerts", Settings))
 
 
+def _plugin(context: PluginContext) -> AlertsPlugin:
+    return context.shared("alerts.plugin", lambda: AlertsPlugin(_settings(context)))
+
+
+@hookimpl
+def register_lifespan(context: PluginContext) -> Lifespan | None:
+    try:
+        return _plugin(context).lifespan
+    except SettingsError:
+        return None  # reported once, by register_actions
+
+
 @hookimpl
 def register_actions(context: PluginContext) -> list[Action]:
-    plugin = AlertsPlugin(_settings(context))
+    plugin = _plugin(context)
     return [Action("alerts.send", plugin.send,
                    "Send a message (email, webhook); the body may include {file:...}.",
                    SendPayload)]
