@@ -76,7 +76,7 @@ def _connection_broken(exc: BaseException) -> bool:
     """Whether the connection that raised ``exc`` must be replaced (not a plain SQL error)."""
     if isinstance(exc, asyncpg.PostgresError):  # the server answered; 57: shut down, 08: gone
         return str(getattr(exc, "sqlstate", "") or "").startswith(("57", "08"))
-    return True
+    return not isinstance(exc, KernelError)  # ours: raised by our own checks, not the wire
 
 
 def redact(dsn: str) -> str:
@@ -260,7 +260,10 @@ class PostgresStore(Store):
                 listener, self._listener = self._listener, None
                 await listener.close()
             if self._pool is not None:
-                await self._pool.close()
+                try:  # a connection still held (an abandoned load_pending) cannot hang close
+                    await asyncio.wait_for(self._pool.close(), timeout=10)
+                except TimeoutError:
+                    self._pool.terminate()
             if self._w is not None:
                 await self._w.close()
         except (asyncpg.PostgresError, *_LOST) as e:

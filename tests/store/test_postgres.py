@@ -10,7 +10,8 @@ import asyncpg
 import pytest
 
 from kernel.errors import StoreCorrupt, StoreError
-from kernel.records import Job, JobKind
+from kernel.records import Job, JobKind, Outcome, RunRecord
+from kernel.store.pg_schema import PURGE_LOCK
 from kernel.store.postgres import PostgresStore, redact
 
 from ..pg_cluster import PgCluster, fresh_schema
@@ -142,3 +143,33 @@ async def test_two_kernels_racing_one_cron_occurrence_store_one_job(
             for i in range(10) for k, s in (("a", a), ("b", b))))
         assert sum(not r[0].existed for r in res) == 1
         assert await b.count_jobs() == 1
+
+
+async def test_one_kernel_at_a_time_purges(pg_cluster: PgCluster) -> None:
+    async with PostgresStore(pg_cluster.dsn, schema=fresh_schema()) as s:
+        await s.submit([job("a", dedup_key="k", dedup_expires_at=5.0)], now=0.0)
+        await s.finish("a", RunRecord(
+            job_id="a", task_id=None, action="log", trace_id="t", span_id="s",
+            scheduled_at=None, started_at=1.0, finished_at=2.0, attempt=1,
+            outcome=Outcome.SUCCEEDED))
+        other = await asyncpg.connect(pg_cluster.dsn)  # another kernel, purging right now
+        try:
+            assert await other.fetchval("SELECT pg_try_advisory_lock($1)", PURGE_LOCK)
+            assert await s.prune_history(100.0, max_rows=0, max_age=None) == 0
+            assert await s.purge_dedup(now=10.0) == 0
+            await other.execute("SELECT pg_advisory_unlock($1)", PURGE_LOCK)
+        finally:
+            await other.close()
+        assert await s.prune_history(100.0, max_rows=0, max_age=None) == 1
+        assert await s.purge_dedup(now=10.0) == 1
+
+
+async def test_fleet_calls_on_a_closed_store_refuse(pg_cluster: PgCluster) -> None:
+    s = PostgresStore(pg_cluster.dsn, schema=fresh_schema())
+    with pytest.raises(StoreError, match="not open"):
+        await s.claim_due("k", now=0.0, horizon=1.0, limit=10)
+    with pytest.raises(StoreError, match="not open"):
+        await s.finish_owned("k", "j", RunRecord(
+            job_id="j", task_id=None, action="log", trace_id="t", span_id="s",
+            scheduled_at=None, started_at=1.0, finished_at=2.0, attempt=1,
+            outcome=Outcome.SUCCEEDED))
