@@ -64,17 +64,24 @@ _RETURN_JOBS: Final = (
 )
 
 
-async def register(con: Con, kernel_id: str, host: str, pid: int, now: float) -> None:
+#: "now" of liveness: the caller's instant, or (``NULL``) the database server's clock, one clock
+#: for the whole fleet whatever the skew between its boxes.
+_NOW: Final = "coalesce({}::float8, extract(epoch FROM clock_timestamp())::float8)"
+
+
+async def register(con: Con, kernel_id: str, host: str, pid: int, now: float | None) -> None:
     await con.execute(
-        "INSERT INTO kernels (id, host, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4)",
+        "INSERT INTO kernels (id, host, pid, started_at, heartbeat_at) "
+        f"SELECT $1, $2, $3, t, t FROM (SELECT {_NOW.format('$4')} AS t) AS n",
         kernel_id, host, pid, now,
     )
 
 
-async def heartbeat(con: Con, kernel_id: str, now: float) -> bool:
+async def heartbeat(con: Con, kernel_id: str, now: float | None) -> bool:
     """Renew ``kernel_id``'s heartbeat; ``False`` if it was declared dead (fenced)."""
     row = await con.fetchval(
-        "UPDATE kernels SET heartbeat_at = GREATEST(heartbeat_at, $2) WHERE id = $1 RETURNING 1",
+        f"UPDATE kernels SET heartbeat_at = GREATEST(heartbeat_at, {_NOW.format('$2')}) "
+        "WHERE id = $1 RETURNING 1",
         kernel_id, now,
     )
     return row is not None
@@ -105,12 +112,13 @@ async def expire_kernel(con: Con, kernel_id: str, channel: str | None = None) ->
         return await _return_jobs(con, dead, channel)
 
 
-async def rescue_expired(con: Con, now: float, ttl: float,
+async def rescue_expired(con: Con, now: float | None, ttl: float,
                          channel: str | None = None) -> Rescue:
     """Declare dead every kernel whose heartbeat is older than ``now - ttl``; free its jobs."""
     async with con.transaction():
         dead = [r[0] for r in await con.fetch(
-            "DELETE FROM kernels WHERE heartbeat_at < $1 RETURNING id", now - ttl)]
+            f"DELETE FROM kernels WHERE heartbeat_at < {_NOW.format('$1')} - $2 RETURNING id",
+            now, ttl)]
         dead.sort()
         return await _return_jobs(con, dead, channel)
 

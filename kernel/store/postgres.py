@@ -564,12 +564,18 @@ class PostgresStore(Store):
 
     # -- the fleet ----------------------------------------------------------------------------
 
-    async def register_kernel(self, kernel_id: str, host: str, pid: int, now: float) -> None:
-        """Add a live kernel row (a fresh id per process start), heartbeat ``now``."""
+    async def register_kernel(self, kernel_id: str, host: str, pid: int,
+                              now: float | None) -> None:
+        """Add a live kernel row (a fresh id per process start), heartbeat ``now``.
+
+        Liveness instants (here, :meth:`heartbeat`, :meth:`rescue_expired`) may be ``None``:
+        the database server's clock then stands for "now", one clock for the whole fleet
+        whatever the skew between boxes. Use either the server's clock or the kernels' own
+        throughout a fleet, not both."""
         await self._on_pool(lambda c: fleet.register(c, kernel_id, host, pid, now),
                             "registering the kernel")
 
-    async def heartbeat(self, kernel_id: str, now: float) -> bool:
+    async def heartbeat(self, kernel_id: str, now: float | None) -> bool:
         """Renew the heartbeat. ``False``: this kernel was declared dead and its jobs rescued;
         it must stop starting work (self-fencing) and register again under a fresh id."""
         return await self._on_pool(lambda c: fleet.heartbeat(c, kernel_id, now), "heartbeat")
@@ -584,7 +590,7 @@ class PostgresStore(Store):
         return await self._on_pool(lambda c: fleet.expire_kernel(c, kernel_id, self.channel),
                                    "expiring a kernel")
 
-    async def rescue_expired(self, now: float, ttl: float) -> Rescue:
+    async def rescue_expired(self, now: float | None, ttl: float) -> Rescue:
         """Any kernel may call this: kernels whose heartbeat is older than ``now - ttl`` are
         deleted and their jobs returned to pending (attempt raised and ``recovered`` set for
         the ones that had started)."""

@@ -267,3 +267,13 @@ async def test_commits_that_store_jobs_wake_the_fleets_listeners(fleet: Fleet) -
     await a.claim_due("k", now=1.0, horizon=0.0, limit=1)
     assert await a.release("k", ["x"]) == 1
     await asyncio.wait_for(woken.wait(), timeout=10)
+
+
+async def test_liveness_on_the_database_servers_clock(fleet: Fleet) -> None:
+    s = await fleet.store()
+    await s.register_kernel("k", "h", 1, now=None)
+    [k] = await s.kernels()
+    assert k.heartbeat_at == k.started_at > 1e9  # the server's epoch seconds
+    assert await s.heartbeat("k", now=None)
+    assert (await s.rescue_expired(now=None, ttl=3600.0)).kernels == []
+    assert (await s.rescue_expired(now=k.heartbeat_at + 7200.0, ttl=3600.0)).kernels == ["k"]
