@@ -572,17 +572,21 @@ class WorkerPool:
         then SIGKILL the group; closing ``alive`` makes the worker's watchdog kill it too."""
         if w.gone:
             return
-        if grace > 0 and w.proc.returncode is None:
-            _kill_group(w.pid, signal.SIGTERM)
-            await _wait_exit(w.proc, grace)
-        if w.proc.returncode is None:
-            _kill_group(w.pid, signal.SIGKILL)
-        else:  # the leader is gone; children it left in its group are not
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(w.pid, signal.SIGKILL)
-        w.alive.close()
-        await _wait_exit(w.proc, 10.0)
-        self._forget(w)
+        try:
+            if grace > 0 and w.proc.returncode is None:
+                _kill_group(w.pid, signal.SIGTERM)
+                await _wait_exit(w.proc, grace)
+        finally:  # also when cancelled during the grace (a pool closing)
+            if w.proc.returncode is None:
+                _kill_group(w.pid, signal.SIGKILL)
+            else:  # the leader is gone; children it left in its group are not
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(w.pid, signal.SIGKILL)
+            w.alive.close()
+            try:
+                await _wait_exit(w.proc, 10.0)  # SIGKILL: at once; reaped, not left a zombie
+            finally:
+                self._forget(w)
 
     def _forget(self, w: _Worker) -> None:
         if w.gone:
@@ -592,16 +596,23 @@ class WorkerPool:
         w.writer.close()
         self._pids.discard(w.pid)
 
-    async def close(self) -> None:
-        """Kill every worker and wait for them: idle ones at once, busy ones (a pool closed
-        under running calls) with SIGKILL, their calls then fail with ERR_WORKER_DIED. Bounded
-        by the longest ``grace`` of a kill in flight plus a few seconds."""
+    async def close(self, bound: float = 5.0) -> None:
+        """Kill every worker: idle ones at once, busy ones (a pool closed under running calls;
+        their calls fail with ERR_WORKER_DIED) with SIGKILL. Kills in flight (a call's SIGTERM
+        grace) get up to ``bound`` seconds, then SIGKILL: close never waits longer."""
         self._closed = True
         idle, self._idle = self._idle, []
         for w in self._busy:
             _kill_group(w.pid, signal.SIGKILL)
-        await asyncio.gather(*(self._retire(w, 0.0) for w in idle), *list(self._reaping),
-                             return_exceptions=True)
+        work = [asyncio.ensure_future(self._retire(w, 0.0)) for w in idle]
+        work += list(self._reaping)
+        if work:
+            _, late = await asyncio.wait(work, timeout=bound)
+            if late:
+                _kill_all(self._pids)
+                for t in late:
+                    t.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
 
 
 def _kill_all(pids: set[int]) -> None:

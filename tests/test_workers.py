@@ -223,3 +223,18 @@ async def test_workers_never_re_run_the_kernels_main_script(tmp_path: Path) -> N
         _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert runs.read_text() == "ran\n"
+
+
+async def test_close_is_bounded_whatever_grace_a_kill_has(tmp_path: Path) -> None:
+    pool = WorkerPool(PythonSettings(workers=1))
+    marker = tmp_path / "pid"
+    call = asyncio.ensure_future(pool.call(f"{T}:swallow_signals", [str(marker)], {},
+                                           grace=600.0))
+    await until(marker.exists, "the target to start")
+    wpid = int(marker.read_text())
+    call.cancel()  # SIGTERM (ignored), SIGKILL only after 600 s...
+    await until(lambda: pool.stats().killed == 1, "the kill to begin")
+    await pool.close(bound=0.2)  # ...unless the pool closes: then at once
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await until(lambda: not alive(wpid), "the worker to be killed by close()")
