@@ -135,6 +135,23 @@ async def test_the_runs_kernel_variables_reach_the_worker() -> None:
     await h.stop()
 
 
+@pytest.mark.parametrize("in_process", [False, True])
+async def test_sys_exit_and_errors_are_failures_in_both_modes(in_process: bool) -> None:
+    h = make_harness("")
+    await h.start()
+    for args in (["exit"], ["value"], ["conn"]):
+        await h.kernel.submit(SubmitRequest(action="python", payload={
+            "target": f"{T}:raises", "args": args, "in_process": in_process}))
+    by_code = {r.detail.split(":")[0]: r for r in await runs(h, 3)}  # they end in any order
+    exited = by_code["python target 'tests.python_action_targets"]
+    value, conn = by_code["ValueError"], by_code["ConnectionRefusedError"]
+    assert exited.outcome is Outcome.FAILED and "sys.exit(4)" in exited.detail
+    assert value.error_code == "ERR_ACTION_FAILED" and value.detail == "ValueError: bad value"
+    assert conn.error_code == "ERR_CONN_TIMEOUT"
+    assert h.task is not None and not h.task.done()
+    await h.stop()
+
+
 async def test_the_config_can_keep_python_in_process() -> None:
     h = harness_with({"in_process": True})
     await h.start()
