@@ -14,8 +14,9 @@ Prints one JSON line per scenario:
 * ``claim``: one kernel claims every job, ``--claim`` per ``claim_due`` call (SKIP LOCKED).
 * ``start`` / ``finish``: ``--concurrency`` coroutines call ``mark_running_owned`` then
   ``finish_owned`` (with a run record) for the claimed jobs (group commit).
-* ``cycle``: per kernel, submit -> claim -> start -> finish of ``--n`` jobs in pipelines of
-  ``--claim``, one kernel, then ``--kernels`` kernels on one database at once.
+* ``cycle``: per kernel, submit -> claim -> start -> finish of ``--n`` jobs, ``--claim`` at a
+  time: one kernel one step after the other, one kernel with 4 such lanes at once (as a busy
+  kernel overlaps its steps), then ``--kernels`` kernels on one database at once.
 * ``fire_race``: ``--kernels`` stores fire the same ``--n`` cron occurrences, in their own orders,
   250 per call; every occurrence must be won exactly once.
 
@@ -68,9 +69,17 @@ async def fan_out(items: list[Job], concurrency: int, fn: object) -> None:
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def cycle(store: PostgresStore, owner: str, n: int, chunk: int, prefix: str) -> None:
-    """submit -> claim -> start -> finish, ``chunk`` jobs at a time, as a kernel would."""
+async def cycle(store: PostgresStore, owner: str, n: int, chunk: int, prefix: str,
+                lanes: int = 1) -> None:
+    """submit -> claim -> start -> finish, ``chunk`` jobs at a time, as a kernel would;
+    ``lanes`` such loops at once on the same store (their writes share group commits)."""
     await store.register_kernel(owner, "bench", 0, now=0.0)
+    per = n // lanes
+    await asyncio.gather(*(_lane(store, owner, per, chunk, f"{prefix}{k}-")
+                           for k in range(lanes)))
+
+
+async def _lane(store: PostgresStore, owner: str, n: int, chunk: int, prefix: str) -> None:
     for at in range(0, n, chunk):
         batch = jobs(f"{prefix}{at:08d}-", min(chunk, n - at))
         await store.submit(batch, now=0.0)
@@ -113,6 +122,11 @@ async def bench(dsn: str, a: argparse.Namespace) -> None:
         t = time.perf_counter()
         await cycle(s, "solo", n, a.claim, "s")
         emit("cycle_1_kernel", n, time.perf_counter() - t, chunk=a.claim)
+    async with PostgresStore(dsn, schema=fresh_schema("bench")) as s:
+        t = time.perf_counter()
+        await cycle(s, "solo", n, a.claim, "p", lanes=4)
+        emit("cycle_1_kernel_4_lanes", n, time.perf_counter() - t, chunk=a.claim,
+             batches=s.batches)
 
     schema = fresh_schema("bench")
     stores = [PostgresStore(dsn, schema=schema) for _ in range(a.kernels)]

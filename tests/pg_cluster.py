@@ -51,7 +51,8 @@ class PgCluster:
     """One initdb'd, started cluster; :meth:`stop` removes it."""
 
     def __init__(self, *, durable: bool = False) -> None:
-        self.durable = durable  # fsync and synchronous_commit on (benchmarks), off for tests
+        # Benchmarks: fsync, synchronous_commit and autovacuum on, as in production; tests: off.
+        self.durable = durable
         self.bin = find_bin()
         self.root = Path(tempfile.mkdtemp(prefix="kpg-"))  # short: a socket path is <= 107 B
         self.data = self.root / "data"
@@ -90,7 +91,8 @@ class PgCluster:
             f"-c fsync={sync}", f"-c synchronous_commit={sync}", f"-c full_page_writes={sync}",
             f"-c shared_buffers={'128MB' if self.durable else '32MB'}",
             "-c max_connections=100", "-c wal_level=minimal",
-            "-c max_wal_senders=0", "-c autovacuum=off", "-c jit=off",
+            "-c max_wal_senders=0", f"-c autovacuum={'on' if self.durable else 'off'}",
+            "-c jit=off",
         ])
         start = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
                           "-w", "-t", "30", "-o", opts, "start")

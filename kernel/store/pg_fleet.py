@@ -48,10 +48,11 @@ class Rescue(msgspec.Struct, kw_only=True, frozen=True):
 
 _LOCK_ME: Final = "SELECT 1 FROM kernels WHERE id = $1 FOR KEY SHARE"
 _CLAIM: Final = (
-    "WITH c AS (SELECT id FROM jobs WHERE owner IS NULL AND state = 'pending' AND due_at <= $2 "
+    "WITH c AS (SELECT id FROM jobs WHERE owner IS NULL AND due_at <= $2 "
     "AND ($4::int4 IS NULL OR gpu_memory_mb <= $4) "
     "ORDER BY due_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED) "
     "UPDATE jobs j SET owner = $1, claimed_at = $5 FROM c WHERE j.id = c.id "
+    "AND j.state = 'pending' "
     f"RETURNING j.due_at, j.seq, {', '.join('j.' + f for f in ps.JOB_FIELDS.split(', '))}"
 )
 _RETURN_JOBS: Final = (

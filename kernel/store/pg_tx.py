@@ -265,7 +265,7 @@ async def insert_jobs(
     if repoint:
         await con.execute(
             "UPDATE dedup d SET job_id = u.j, body = u.b FROM unnest($1::text[], $2::text[], "
-            "$3::bytea[]) AS u(k, j, b) WHERE d.key = u.k",
+            "$3::bytea[]) AS u(k, j, b) WHERE d.key = u.k AND d.key = ANY($1::text[])",
             [k for k, _ in repoint], [j.id for _, j in repoint],
             [schema.encode(j) for _, j in repoint],
         )
@@ -286,6 +286,10 @@ async def insert_runs(con: Con, rows: Sequence[Row]) -> None:
 
 
 # -- batched application of each kind of operation ---------------------------------------------
+#
+# A join with unnest($ids) carries per-row values; the redundant "j.id = ANY($ids)" gives the
+# planner the batch's size on the table side too, so it looks rows up by primary key whatever
+# the table's statistics say (without it, stale statistics can turn 500 lookups into a scan).
 
 
 async def _submits(con: Con, ops: Sequence[Op]) -> None:
@@ -320,7 +324,8 @@ async def _mark_running(con: Con, ops: Sequence[Op]) -> None:
         args = list(plain.values())
         await con.execute(
             "UPDATE jobs j SET state = 'running', started_at = u.s, attempt = u.a "
-            "FROM unnest($1::text[], $2::float8[], $3::int4[]) AS u(id, s, a) WHERE j.id = u.id",
+            "FROM unnest($1::text[], $2::float8[], $3::int4[]) AS u(id, s, a) WHERE j.id = u.id "
+            "AND j.id = ANY($1::text[])",
             [a[0] for a in args], [a[1] for a in args], [a[2] for a in args],
         )
     owned = [op for op in marks if op.owner is not None]
@@ -329,7 +334,7 @@ async def _mark_running(con: Con, ops: Sequence[Op]) -> None:
         rows = await con.fetch(
             "UPDATE jobs j SET state = 'running', started_at = u.s, attempt = u.a "
             "FROM unnest($1::text[], $2::text[], $3::float8[], $4::int4[]) AS u(id, o, s, a) "
-            "WHERE j.id = u.id AND j.owner = u.o RETURNING j.id",
+            "WHERE j.id = u.id AND j.owner = u.o AND j.id = ANY($1::text[]) RETURNING j.id",
             list(last), [op.owner for op in last.values()],
             [op.args[1] for op in last.values()], [op.args[2] for op in last.values()],
         )
@@ -350,7 +355,7 @@ async def _finishes(con: Con, ops: Sequence[Op]) -> None:
     if owned:
         gone = {r[0] for r in await con.fetch(
             "DELETE FROM jobs j USING unnest($1::text[], $2::text[]) AS u(id, o) "
-            "WHERE j.id = u.id AND j.owner = u.o RETURNING j.id",
+            "WHERE j.id = u.id AND j.owner = u.o AND j.id = ANY($1::text[]) RETURNING j.id",
             [op.job_id for op in owned], [op.owner for op in owned],
         )}
         rest = [op for op in owned if op.job_id not in gone]

@@ -277,3 +277,12 @@ async def test_liveness_on_the_database_servers_clock(fleet: Fleet) -> None:
     assert await s.heartbeat("k", now=None)
     assert (await s.rescue_expired(now=None, ttl=3600.0)).kernels == []
     assert (await s.rescue_expired(now=k.heartbeat_at + 7200.0, ttl=3600.0)).kernels == ["k"]
+
+
+async def test_a_job_started_without_an_owner_is_never_claimed(fleet: Fleet) -> None:
+    s = await fleet.store()
+    await s.register_kernel("k", "h", 1, now=0.0)
+    await s.submit([job("started", 1.0), job("waiting", 2.0)], now=0.0)
+    await s.mark_running("started", started_at=1.0, attempt=1)  # a kernel not in the fleet
+    assert ids(await s.claim_due("k", now=5.0, horizon=0.0, limit=10)) == ["waiting"]
+    assert await s.claim_due("k", now=5.0, horizon=0.0, limit=10) == []
