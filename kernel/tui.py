@@ -330,6 +330,7 @@ class TuiState:
     last_ok_at: float | None = None  # snapshot instant of the last good poll
     reloads: tuple[ReloadRow, ...] = ()
     logs: tuple[str, ...] | None = None  # the in-process log pane's newest lines; None: no pane
+    log_file: str | None = None          # where every line goes while the pane shows a few
 
 
 def observe(state: TuiState, view: TuiView) -> TuiState:
@@ -760,7 +761,7 @@ def render(view: TuiView, width: int, height: int | None = None, *,
     lines += _reload_lines(reloads, view.snapshot.at, width, wide)
     gaps = 3 if wide else 0            # blank lines before each section when wide
     budget = height - len(lines) - 3 - gaps   # 3: a header line per section
-    pane = _log_pane(state.logs if state is not None else None, budget, width, wide)
+    pane = _log_pane(state, budget, width, wide)
     budget -= len(pane)
     s = view.snapshot
     want = [s.n_tasks, s.n_running, len(view.recent_runs)]
@@ -776,19 +777,21 @@ def render(view: TuiView, width: int, height: int | None = None, *,
     return Group(*lines)
 
 
-def _log_pane(logs: Sequence[str] | None, budget: int, width: int, wide: bool) -> list[Text]:
+def _log_pane(state: TuiState | None, budget: int, width: int, wide: bool) -> list[Text]:
     """The newest log lines under a title line; at most a quarter of the frame's table rows
     (a sixth when compact), never the rows the three tables need for their first lines."""
-    if logs is None:
+    logs = state.logs if state is not None else None
+    if state is None or logs is None:
         return []
     room = min(budget - 4, budget // (4 if wide else 6))  # 4: the title + a row per table
     if room < 1:
         return []
     shown = logs[-room:] if logs else ()
     title = Text("LOG", style="bold")
-    title.append("  (the log file or journal has every line)" if wide else "", style="dim")
+    title.append(f"  every line: {state.log_file}" if state.log_file
+                 else "  the newest lines only (no log file while the TUI is on)", style="dim")
     if not shown:
-        title.append("  nothing yet", style="dim")
+        title.append("; nothing yet", style="dim")
     out = [_line(title, width)]
     for text in shown:
         level = text.split(" ", 2)[1] if text.count(" ") >= 2 else ""
@@ -1042,7 +1045,7 @@ async def run_inprocess(kernel: KernelLike, *, refresh: float = 1.0,
     if not console.is_terminal and max_frames is None:
         log.warning("--tui needs a terminal on stdout; not showing the TUI")
         return
-    state = TuiState(logs=())
+    state = TuiState(logs=(), log_file=None if log_file is None else os.fspath(log_file))
     pending: list[ReloadRow] = []
 
     def on_event(ev: Event) -> None:  # the only per-event work: keep reloads for the frame

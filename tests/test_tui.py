@@ -530,3 +530,42 @@ def test_the_log_pane_fits_in_the_frame(width: int, height: int) -> None:
     if height >= 24:  # a tiny terminal keeps its rows for the tables
         assert "12:00:39" in text
         assert "failed 36" not in text if width < tui.WIDE else "failed 36" in text
+
+
+async def test_inprocess_tui_can_keep_every_log_line_in_a_file(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    h = make_harness("""
+        [[tasks]]
+        id = "tick"
+        schedule = "@every 5s"
+        action = "rec"
+        """)
+    await h.start()
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    handler = logging.StreamHandler(term)
+    handler.setFormatter(logging.Formatter("TERMINAL %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    con = Console(file=term, force_terminal=True, width=100, height=30, color_system=None,
+                  legacy_windows=False)
+    log_file = tmp_path / "logs" / "kernel.log"
+    drawing = asyncio.create_task(tui.run_inprocess(h.kernel, console=con, refresh=1.0,
+                                                    log_file=log_file))
+    try:
+        await h.idle()
+        for i in range(300):
+            logging.getLogger("kernel.noisy").warning("noisy line %03d", i)
+        await h.advance(1.0)
+    finally:
+        drawing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drawing
+        root.removeHandler(handler)
+    kept = log_file.read_text().splitlines()
+    noisy = [line for line in kept if "noisy line" in line]
+    assert len(noisy) == 300 and noisy[0] == "TERMINAL noisy line 000"  # formatted alike
+    assert "TERMINAL" not in term.getvalue()  # the terminal's handler wrote nothing
+    assert f"every line: {log_file}" in term.getvalue()
+    await h.stop()
