@@ -60,6 +60,7 @@ from kernel.store import pg_schema as ps
 from kernel.store import pg_tx as tx
 from kernel.store import schema
 from kernel.store.base import Store
+from kernel.store.group import GroupCommit
 from kernel.store.pg_fleet import KernelInfo, Rescue
 
 T = TypeVar("T")
@@ -160,12 +161,10 @@ class PostgresStore(Store):
                           "application_name": "open-autoglm-kernel"}
         self._w: asyncpg.Connection | None = None
         self._pool: asyncpg.Pool | None = None
-        self._queue: list[tx.Op] = []
-        self._wake = asyncio.Event()
+        self._group = GroupCommit(self._commit, self.where, self.max_batch)
         self._writer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open = False
-        self._closing = False
         self._last_error: str | None = None
         self._version = 0
         self.batches = 0
@@ -199,7 +198,6 @@ class PostgresStore(Store):
     async def open(self) -> None:
         if self._open:
             return
-        self._closing = False
         con = await self._connect()
         try:
             self._version = await self._migrate(con)
@@ -217,7 +215,8 @@ class PostgresStore(Store):
         self._w = con
         self._open = True
         self._loop = asyncio.get_running_loop()
-        self._writer = self._loop.create_task(self._run_writer(),
+        self._group = GroupCommit(self._commit, self.where, self.max_batch)
+        self._writer = self._loop.create_task(self._group.run(),
                                               name=f"store-writer:{self.where}")
 
     async def _migrate(self, con: asyncpg.Connection) -> int:
@@ -246,8 +245,7 @@ class PostgresStore(Store):
     async def close(self) -> None:
         if not self._open:
             return
-        self._closing = True
-        self._wake.set()
+        self._group.close()
         writer, self._writer = self._writer, None
         if writer is not None:
             if not writer.done():
@@ -273,31 +271,6 @@ class PostgresStore(Store):
             self._w = None
 
     # -- the writer -------------------------------------------------------------------------
-
-    async def _run_writer(self) -> None:
-        queue = self._queue
-        try:
-            while True:
-                if not queue:
-                    if self._closing:
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
-                    await asyncio.sleep(0)  # let coroutines that are already runnable join
-                    continue
-                size = taken = 0
-                for op in queue:
-                    size += op.weight
-                    taken += 1
-                    if size >= self.max_batch:
-                        break
-                batch = queue[:taken]
-                del queue[:taken]
-                await self._commit(batch)
-        finally:  # cancelled (an event loop torn down with the store open): nobody hangs
-            for op in queue:
-                op.fail(StoreError(f"{self.where}: the store's writer stopped; not stored"))
-            queue.clear()
 
     async def _commit(self, batch: list[tx.Op]) -> None:
         error: BaseException | None = None
@@ -337,14 +310,11 @@ class PostgresStore(Store):
                 op.fail(_copy(err))
 
     def _enqueue(self, op: tx.Op) -> asyncio.Future[Any]:
-        if not self._open or self._closing:
+        if not self._open:
             raise StoreError(f"{self.where}: the store is not open")
         if self._writer is None or self._writer.done():
             raise StoreError(f"{self.where}: the store's writer task has stopped")
-        self._queue.append(op)
-        if not self._wake.is_set():
-            self._wake.set()
-        return op.fut
+        return self._group.put(op)
 
     def _future(self) -> asyncio.Future[Any]:
         if self._loop is None or not self._open:
@@ -538,7 +508,7 @@ class PostgresStore(Store):
             "backend": "postgres",
             "schema": self.schema,
             "schema_version": self._version,
-            "queued_writes": len(self._queue),
+            "queued_writes": len(self._group.queue),
             "batches": self.batches,
             "batched_ops": self.batched_ops,
             "retried_batches": self.retried_batches,

@@ -1,0 +1,85 @@
+"""Group commit: one queue of write operations, committed in groups by one task.
+
+Every write of a store appends an :class:`~kernel.store.sqlite_tx.Op` (its arguments and its
+future) and awaits the future. :meth:`GroupCommit.run`, the store's writer task, takes everything
+queued (up to ``max_weight`` jobs; one call is never split) and hands it to the store's
+``commit`` coroutine, which runs it as one transaction and settles every future. While a commit
+is in flight new requests queue up, so the group size follows the load without a timer: an idle
+store commits a lone request at once, a busy one hundreds per transaction.
+
+Used by the PostgreSQL store; the SQLite store's writer loop is the same algorithm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kernel.errors import StoreError
+from kernel.store.sqlite_tx import Op
+
+
+class GroupCommit:
+    """The queue and the loop of a store's writer task.
+
+    :param commit: runs one group as one transaction and settles (or fails) its operations.
+    :param where: names the store in error messages.
+    :param max_weight: the most jobs one group takes.
+    """
+
+    def __init__(self, commit: Callable[[list[Op]], Awaitable[None]], where: str,
+                 max_weight: int) -> None:
+        self._commit = commit
+        self.where = where
+        self.max_weight = max(1, max_weight)
+        self.queue: list[Op] = []
+        self._wake = asyncio.Event()
+        self.closing = False
+
+    def __repr__(self) -> str:
+        return f"GroupCommit({self.where!r}, queued={len(self.queue)}, closing={self.closing})"
+
+    def put(self, op: Op) -> asyncio.Future[Any]:
+        """Queue ``op``; its future settles after the commit of its group."""
+        if self.closing:
+            raise StoreError(f"{self.where}: the store is not open")
+        self.queue.append(op)
+        if not self._wake.is_set():
+            self._wake.set()
+        return op.fut
+
+    def close(self) -> None:
+        """Let :meth:`run` return once the queue is drained (every queued write committed or
+        failed); later :meth:`put` calls raise."""
+        self.closing = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The writer task's body: commit groups until closed and drained."""
+        queue = self.queue
+        try:
+            while True:
+                if not queue:
+                    if self.closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    await asyncio.sleep(0)  # let coroutines that are already runnable join
+                    continue
+                size = taken = 0
+                for op in queue:
+                    size += op.weight
+                    taken += 1
+                    if size >= self.max_weight:
+                        break
+                group = queue[:taken]
+                del queue[:taken]
+                await self._commit(group)
+        finally:  # cancelled (an event loop torn down with the store open): nobody hangs
+            for op in queue:
+                op.fail(StoreError(f"{self.where}: the store's writer stopped; not stored"))
+            queue.clear()
+
+
+__all__ = ["GroupCommit"]
