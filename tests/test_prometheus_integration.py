@@ -386,7 +386,7 @@ def _unit() -> dict[str, list[str]]:
 
 def test_systemd_unit_runs_the_kernel_as_the_brief_says() -> None:
     u = _unit()
-    assert u["Type"] == ["exec"]
+    assert u["Type"] == ["notify"]  # READY after arming, WATCHDOG while healthy (issue 13)
     start = u["ExecStart"][0]
     assert re.search(r"/\.venv/bin/python -m kernel run --config "
                      r"/etc/open-autoglm-kernel/config\.toml", start)
