@@ -388,8 +388,10 @@ def test_systemd_unit_runs_the_kernel_as_the_brief_says() -> None:
     u = _unit()
     assert u["Type"] == ["notify"]  # READY after arming, WATCHDOG while healthy (issue 13)
     start = u["ExecStart"][0]
-    assert re.search(r"/\.venv/bin/python -m kernel run --config "
-                     r"/etc/open-autoglm-kernel/config\.toml", start)
+    # the console command or python -m, and /etc's config: given, or found by discovery
+    assert re.search(r"/\.venv/bin/(autoglm-kernel|python -m kernel) run\b", start), start
+    config = "/etc/open-autoglm-kernel/config.toml"
+    assert f"--config {config}" in start or f"KERNEL_CONFIG={config}" in u["Environment"]
     assert u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert u["KillSignal"] == ["SIGTERM"]
     assert u["Restart"] == ["on-failure"]
