@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,28 @@ scrape_configs:
                 yield f"http://127.0.0.1:{port}", s, alive
 
 
+async def _poll_until(alive: Callable[[], None], step: Callable[[], Awaitable[bool]],
+                      limit: float = 30.0) -> None:
+    """Call ``step`` until it returns True; Prometheus scrapes and evaluates every second."""
+    async with asyncio.timeout(limit):
+        while True:
+            alive()
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                if await step():
+                    return
+            await asyncio.sleep(0.05)
+
+
+async def _collect(session: aiohttp.ClientSession, base: str, want: dict[str, float],
+                   got: dict[str, float]) -> bool:
+    """Query each expression of ``want`` not yet in ``got``; True once all have a value."""
+    for expr in want.keys() - got.keys():
+        result = await _query(session, base, expr)
+        if result:
+            got[expr] = float(result[0]["value"][1])
+    return got.keys() == want.keys()
+
+
 async def _rules(session: aiohttp.ClientSession, base: str) -> list[dict[str, Any]]:
     async with session.get(f"{base}/api/v1/rules") as resp:
         groups = (await resp.json())["data"]["groups"]
@@ -190,19 +212,13 @@ async def test_prometheus_scrapes_the_kernel_and_loads_the_alert_rules(
     try:
         async with _prometheus(prometheus_bin, tmp_path, await _api_target(h)) as (base, s,
                                                                                    alive):
-            async with asyncio.timeout(30):
-                while True:
-                    alive()
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                        for expr in want.keys() - got.keys():
-                            result = await _query(s, base, expr)
-                            if result:
-                                got[expr] = float(result[0]["value"][1])
-                        rules = await _rules(s, base)
-                    if (got.keys() == want.keys()
-                            and rules and all(r["health"] == "ok" for r in rules)):
-                        break
-                    await asyncio.sleep(0.05)
+            async def step() -> bool:
+                nonlocal rules
+                complete = await _collect(s, base, want, got)
+                rules = await _rules(s, base)
+                return complete and bool(rules) and all(r["health"] == "ok" for r in rules)
+
+            await _poll_until(alive, step)
     finally:
         h.rec.release.set()
         await h.stop()
@@ -259,22 +275,16 @@ async def test_prometheus_alerts_on_a_task_that_never_succeeds(
     try:
         async with _prometheus(prometheus_bin, tmp_path, await _api_target(h)) as (base, s,
                                                                                    alive):
-            async with asyncio.timeout(30):
-                while True:
-                    alive()
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                        for expr in want.keys() - got.keys():
-                            result = await _query(s, base, expr)
-                            if result:
-                                got[expr] = float(result[0]["value"][1])
-                        created = await _query(s, base, '{__name__=~".+_created"}')
-                        async with s.get(f"{base}/api/v1/alerts") as resp:
-                            alerts = (await resp.json())["data"]["alerts"]
-                    if got.keys() == want.keys() and any(
-                            a["labels"]["alertname"] == "KernelTaskNotSucceeding"
-                            for a in alerts):
-                        break
-                    await asyncio.sleep(0.05)
+            async def step() -> bool:
+                nonlocal created, alerts
+                complete = await _collect(s, base, want, got)
+                created = await _query(s, base, '{__name__=~".+_created"}')
+                async with s.get(f"{base}/api/v1/alerts") as resp:
+                    alerts = (await resp.json())["data"]["alerts"]
+                return complete and any(
+                    a["labels"]["alertname"] == "KernelTaskNotSucceeding" for a in alerts)
+
+            await _poll_until(alive, step)
     finally:
         await h.stop()
     assert got == want
