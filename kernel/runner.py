@@ -85,7 +85,9 @@ class Runner:
         self._gpu_index = gpu_index
         self.cancel_grace = cancel_grace
         self.running: dict[str, RunningJob] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()       # runs
+        self._given_up: set[asyncio.Task[None]] = set()    # abandoned runs, still referenced
+        self._followups: set[asyncio.Task[None]] = set()   # recording abandoned runs
         self._loggers: dict[str, logging.Logger] = {}
         self.abandoned = 0
 
@@ -210,6 +212,7 @@ class Runner:
         r.abandoned = True
         self.abandoned += 1
         self.running.pop(r.job.id, None)
+        self._give_up(r)
         what = "time-out" if r.timed_out else (r.cancel_reason or "cancel")
         log.error("run %s (action %s) did not stop within %g s of its %s; abandoned: its slot "
                   "is freed and its result will be ignored", r.job.id, r.job.action,
@@ -219,8 +222,15 @@ class Runner:
                      f"did not stop within {self.cancel_grace:g} s after its {what}; abandoned")
         done = self._on_done(r, res, False)
         task = asyncio.get_running_loop().create_task(_as_coro(done))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._followups.add(task)
+        task.add_done_callback(self._followups.discard)
+
+    def _give_up(self, r: RunningJob) -> None:
+        task = r.task
+        if task is not None and task in self._tasks:
+            self._tasks.discard(task)
+            self._given_up.add(task)
+            task.add_done_callback(self._given_up.discard)
 
     async def drain(self, grace: float) -> list[RunningJob]:
         """Shutdown: let runs finish for ``grace`` seconds, cancel the rest, give them
@@ -237,14 +247,22 @@ class Runner:
         stuck = list(self.running.values())
         for r in stuck:
             r.abandoned = True
+            self.abandoned += 1
             self.running.pop(r.job.id, None)
+            self._give_up(r)
             log.error("run %s (action %s) ignored its cancellation at shutdown; abandoned "
                       "(it runs again at the next start)", r.job.id, r.job.action)
-        # follow-up work (settling the runs that did stop) is short: let it finish
-        rest = [t for t in self._tasks if not _is_run_of(t, stuck)]
-        if rest:
-            await asyncio.wait(rest, timeout=self.cancel_grace)
+        # what is left is short: runs that stopped settling their outcome, and the records of
+        # abandoned runs (store writes)
+        while self._tasks or self._followups:
+            await asyncio.wait([*self._tasks, *self._followups])
         return stuck
+
+    @property
+    def abandoned_tasks(self) -> int:
+        """Abandoned runs whose task has not ended (yet): the process owner may have to exit
+        without waiting for them."""
+        return sum(1 for t in self._given_up if not t.done())
 
     async def _wait_runs(self, deadline: float) -> None:
         while self.running and self.clock.monotonic() < deadline:
@@ -262,10 +280,6 @@ class Runner:
 
     def __repr__(self) -> str:
         return f"<Runner running={len(self.running)} abandoned={self.abandoned}>"
-
-
-def _is_run_of(task: asyncio.Task[None], runs: list[RunningJob]) -> bool:
-    return any(r.task is task for r in runs)
 
 
 def _uncancel() -> None:

@@ -1,0 +1,101 @@
+"""Timers: the wheel, pending jobs held encoded, run deadlines, wall-clock steps (fake clock)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kernel.clock import FakeClock, settle
+from kernel.records import Job
+from kernel.timers import Deadlines, Tick, Timers
+
+T0 = 1_767_225_600.0
+
+
+def job(jid: str, due: float, **kw: object) -> Job:
+    return Job(id=jid, action="a", due_at=due, payload={"n": jid}, **kw)  # type: ignore[arg-type]
+
+
+class Run:
+    def __init__(self, key: str) -> None:
+        self._key = key
+        self.deadline = 0.0
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+
+async def test_pending_jobs_come_back_whole_when_due_in_deadline_order() -> None:
+    clock = FakeClock()
+    t = Timers(clock)
+    t.arm_job(job("b", T0 + 2, priority=3))
+    t.arm_job(job("a", T0 + 1))
+    assert t.pending_jobs == 2 and len(t) == 2
+    await clock.advance(1.5)
+    due = t.expire()
+    assert [j.id for j in due.jobs] == ["a"]
+    assert due.jobs[0].payload == {"n": "a"}
+
+
+def test_take_and_peek_a_pending_job() -> None:
+    clock = FakeClock()
+    t = Timers(clock)
+    t.arm_job(job("a", T0 + 10))
+    peek = t.peek_job("a")
+    assert peek is not None and peek.payload == {"n": "a"}
+    taken = t.take_job("a")
+    assert taken is not None and taken.id == "a"
+    assert t.take_job("a") is None and t.pending_jobs == 0 and len(t) == 0
+
+
+def test_re_arming_a_job_replaces_its_timer() -> None:
+    clock = FakeClock()
+    t = Timers(clock)
+    t.arm_job(job("a", T0 + 10))
+    t.arm_job(job("a", T0 + 20))
+    assert len(t) == 1 and t.pending_jobs == 1
+
+
+def test_a_wall_step_re_derives_pending_deadlines() -> None:
+    clock = FakeClock()
+    t = Timers(clock)
+    t.arm_job(job("a", T0 + 3600))
+    clock.set_wall(T0 + 3599)  # the wall clock stepped forward 59'59" (NTP)
+    assert t.wall_stepped()
+    assert not t.wall_stepped()  # one step, seen once
+    deadline = t.next_deadline()
+    assert deadline is not None and deadline - clock.monotonic() <= 1.0 + 1e-6
+
+
+def test_cron_ticks_and_cancel() -> None:
+    clock = FakeClock()
+    t = Timers(clock)
+    h = t.arm_tick(Tick("task", T0 + 1, 0), T0 + 1)
+    t.arm_tick(Tick("other", T0 + 1, 0), T0 + 1)
+    t.cancel(h)
+    asyncio.run(clock.advance(2))
+    assert [x.task_id for x in t.expire().ticks] == ["other"]
+
+
+def test_deadlines_expire_in_order_and_leave_nothing_behind() -> None:
+    d = Deadlines()
+    r1, r2, r3 = Run("1"), Run("2"), Run("3")
+    d.add(r1, 5.0, 0.0)
+    d.add(r2, 1.0, 0.0)
+    d.add(r3, 5.0, 1.0)
+    assert d.next_deadline() == 1.0
+    assert sorted(r.key for r in d.expire(5.0)) == ["1", "2"]
+    assert d.next_deadline() == 6.0
+    d.remove(r3, 5.0)
+    assert d.next_deadline() is None and len(d) == 0
+
+
+async def test_wait_wakes_for_an_earlier_timer_armed_while_sleeping() -> None:
+    clock = FakeClock()
+    t = Timers(clock)
+    t.arm_job(job("late", T0 + 100))
+    waiter = asyncio.create_task(t.wait())
+    await asyncio.sleep(0)
+    t.arm_job(job("soon", T0 + 1))  # earlier than what it sleeps until: wakes it
+    await settle()
+    assert waiter.done()
