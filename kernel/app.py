@@ -75,6 +75,7 @@ MAINTENANCE_EVERY = 60.0
 FIRE_CHUNK = 1024  # occurrences made durable and offered per store round trip
 SAVE_RETRY_FIRST = 0.5   # seconds before a failed finish write is tried again (doubling)
 SAVE_RETRY_MAX = 30.0
+RECOVERY_REPORT_EVERY = 1.0  # seconds between progress lines while re-arming a large store
 
 
 @dataclass(slots=True)
@@ -211,6 +212,7 @@ class Kernel:
     async def _recover(self) -> tuple[int, int]:
         count = rerun = 0
         wall = self.clock.wall()
+        t0 = shown = self.clock.monotonic()
         async for batch in self.store.load_pending():
             for job in batch:
                 if job.state is JobState.RUNNING:
@@ -222,6 +224,10 @@ class Kernel:
                     job.due_at = wall
                 count += 1
             self.timers.arm_jobs(batch)
+            now = self.clock.monotonic()
+            if now - shown >= RECOVERY_REPORT_EVERY:  # a large store takes seconds: say so
+                shown = now
+                log.info("recovering: %d pending job(s) armed so far (%.0f s)", count, now - t0)
         if count:
             log.info("recovered %d pending job(s) (%d were running at the last stop)",
                      count, rerun)
@@ -669,7 +675,10 @@ class Kernel:
         runs = tuple(
             RunningView(job_id=r.job.id, task_id=r.job.task_id, action=r.job.action,
                         trace_id=r.job.trace_id, attempt=r.job.attempt,
-                        elapsed=mono - r.started_mono, timeout=r.timeout)
+                        elapsed=mono - r.started_mono, timeout=r.timeout,
+                        done=r.progress[0] if r.progress else None,
+                        total=r.progress[1] if r.progress else None,
+                        note=r.progress[2] if r.progress else "")
             for r in running.values())
         gpus = tuple(GpuView(c.index, c.name, c.total_mb, c.free_mb, reserved,
                              c.utilization_pct) for c, reserved in self.gpu.views())

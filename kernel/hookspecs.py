@@ -43,6 +43,14 @@ class RunContext:
     log: logging.LoggerAdapter[logging.Logger]
     gpu_index: int | None = None
     parent_span_id: str | None = None
+    on_progress: Callable[[float, float | None, str], None] | None = field(
+        default=None, repr=False, compare=False)
+
+    def progress(self, done: float, total: float | None = None, note: str = "") -> None:
+        """Report how far the run is (``done`` of ``total`` units, e.g. requests of a batch):
+        shown in ``/snapshot``, the TUI's progress bars and the ``run_progress`` gauge."""
+        if self.on_progress is not None:
+            self.on_progress(float(done), None if total is None else float(total), note[:200])
 
     @property
     def traceparent(self) -> str:

@@ -41,8 +41,9 @@ SHUTDOWN = "shutdown"
 
 
 class RunningJob:
-    __slots__ = ("abandoned", "cancel_reason", "deadline", "in_action", "job", "span_id",
-                 "started_mono", "started_wall", "task", "timed_out", "timeout", "watch")
+    __slots__ = ("abandoned", "cancel_reason", "deadline", "in_action", "job", "progress",
+                 "span_id", "started_mono", "started_wall", "task", "timed_out", "timeout",
+                 "watch")
 
     def __init__(self, job: Job, span_id: str, started_mono: float,
                  timeout: float | None) -> None:
@@ -58,6 +59,10 @@ class RunningJob:
         self.in_action = False       # awaiting the action (a time-out may cancel only then)
         self.timed_out = False
         self.abandoned = False
+        self.progress: tuple[float, float | None, str] | None = None  # (done, total, note)
+
+    def report(self, done: float, total: float | None, note: str) -> None:
+        self.progress = (done, total, note)
 
     @property
     def key(self) -> str:
@@ -152,7 +157,8 @@ class Runner:
             log=logging.LoggerAdapter(logger, {
                 "trace_id": job.trace_id, "task_id": job.task_id, "job_id": job.id,
                 "attempt": job.attempt}),
-            parent_span_id=job.parent_span_id, gpu_index=self._gpu_index(job.id))
+            parent_span_id=job.parent_span_id, gpu_index=self._gpu_index(job.id),
+            on_progress=r.report)
 
     async def _call(self, r: RunningJob) -> Any:
         """Await the action in this run's own task; the payload is decoded here, once."""

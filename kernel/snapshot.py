@@ -83,6 +83,9 @@ class RunningView:
     attempt: int
     elapsed: float
     timeout: float | None
+    done: float | None = None      # progress the action reported (ctx.progress), if any
+    total: float | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -335,3 +335,30 @@ async def test_stop_and_restart_keep_pending_and_rerun_running_jobs(
     assert calls[running.job.id].attempt == 2  # it was running at the stop: attempt raised
     assert all(calls[p.job.id].attempt == 1 for p in pending)
     await h2.stop()
+
+
+# ------------------------------------------------------------------------- progress
+class ProgressPlugin:
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    async def run(self, ctx: RunContext, payload: Any) -> Any:
+        ctx.progress(3, 10, "batch 3 of 10")
+        await self.go.wait()
+        return None
+
+    @hookimpl
+    def register_actions(self, context: PluginContext) -> list[Action]:
+        return [Action("steps", self.run, "test action that reports progress")]
+
+
+async def test_progress_reported_by_an_action_is_in_the_snapshot() -> None:
+    plugin = ProgressPlugin()
+    h = harness_with("", [("steps", plugin)])
+    await h.start()
+    await h.kernel.submit(SubmitRequest(action="steps"))
+    await h.idle()
+    (run,) = h.kernel.snapshot().running
+    assert (run.done, run.total, run.note) == (3.0, 10.0, "batch 3 of 10")
+    plugin.go.set()
+    await h.stop()

@@ -86,7 +86,7 @@ def test_a_small_lead_is_tolerated() -> None:
 
 def test_a_backward_wall_step_re_arms_from_the_corrected_clock() -> None:
     clock = FakeClock()
-    tt, seen = table(clock)
+    tt, _seen = table(clock)
     tt.install(EVERY.tasks[0], None)
     clock.set_wall(T0 + 3 * 3600)  # forward 3 h (a bad clock at boot)
     rt = tt.tasks["tick"]
