@@ -159,35 +159,41 @@ class Kernel:
                 at=self.clock.wall(), data_dir=str(self.config.data_dir()),
                 store=self._store_name(), api_url=self.api_url, tasks=len(self.timetable.tasks),
                 recovered_jobs=loaded, rerun_jobs=rerun))
-            async with asyncio.TaskGroup() as services:
-                service_tasks = []
-                for sub in self.plugins.subscribers:
-                    self.bus.subscribe(sub.handle)
-                    service_tasks.append(services.create_task(
-                        self._guarded(type(sub).__name__, sub.run())))
-                service_tasks.append(services.create_task(self._maintenance()))
-                service_tasks.append(services.create_task(self._save_unsaved()))
-                for svc in self._extra_services:
-                    service_tasks.append(services.create_task(svc(self)))
-                if started is not None:
-                    started.set()
-                self._serving = True
-                self._pump()
-                await self._loop()
-                self._serving = False
-                stuck = await self.runner.drain(secs(self.config.kernel.shutdown_grace) or 0.0)
-                if stuck:
-                    log.error("%d run(s) ignored their cancellation and were abandoned; they "
-                              "are run again at the next start", len(stuck))
-                await self._settle_followups()
-                await self._flush_unsaved()
-                for t in service_tasks:
-                    t.cancel()
+            # plugins' resources (sessions, pools) live as long as the services and runs
+            async with self.plugins.lifecycle():
+                await self._serve(started)
         finally:
             self._accepting = False
             self._serving = False
             await self.store.close()
             self._stopped.set()
+
+    async def _serve(self, started: asyncio.Event | None) -> None:
+        """Services and the loop; on stop: drain the runs, settle, flush, stop the services."""
+        async with asyncio.TaskGroup() as services:
+            service_tasks = []
+            for sub in self.plugins.subscribers:
+                self.bus.subscribe(sub.handle)
+                service_tasks.append(services.create_task(
+                    self._guarded(type(sub).__name__, sub.run())))
+            service_tasks.append(services.create_task(self._maintenance()))
+            service_tasks.append(services.create_task(self._save_unsaved()))
+            for svc in self._extra_services:
+                service_tasks.append(services.create_task(svc(self)))
+            if started is not None:
+                started.set()
+            self._serving = True
+            self._pump()
+            await self._loop()
+            self._serving = False
+            stuck = await self.runner.drain(secs(self.config.kernel.shutdown_grace) or 0.0)
+            if stuck:
+                log.error("%d run(s) ignored their cancellation and were abandoned; they are "
+                          "run again at the next start", len(stuck))
+            await self._settle_followups()
+            await self._flush_unsaved()
+            for t in service_tasks:
+                t.cancel()
 
     def stop(self, reason: str = "requested") -> None:
         """Begin an orderly shutdown (safe to call from a signal handler's callback)."""

@@ -276,8 +276,6 @@ def test_a_command_that_raises_is_reported_not_a_traceback(
 
 
 # ------------------------------------------------------------------ the kernel holds them
-@pytest.mark.xfail(strict=True, reason="waits for Kernel.run to enter PluginSet.lifecycle() "
-                   "around its services (kernel/app.py, the lead's); remove this mark then")
 async def test_the_kernel_holds_plugin_lifespans_around_its_run() -> None:
     import asyncio
 
