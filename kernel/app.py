@@ -41,6 +41,7 @@ from .errors import (
     ShuttingDown,
     StoreError,
     SubmitError,
+    Superseded,
 )
 from .events import (
     ConfigReloaded,
@@ -54,6 +55,7 @@ from .events import (
     RunStarted,
     StoreFailed,
 )
+from .fleet import FleetMember, FleetSettings, FleetStore
 from .gpu import GpuGate, GpuProbe, NvmlProbe
 from .plugins import PluginSet
 from .records import Job, JobState, Outcome, RunRecord, ScheduleState, SubmitResult
@@ -143,13 +145,24 @@ class Kernel:
         self._followups: set[asyncio.Task[None]] = set()
         self._unsaved: list[_Unsaved] = []
         self._unsaved_wake = asyncio.Event()
+        self.fleet: FleetMember | None = None
+        if isinstance(store, FleetStore):  # several kernels share this store: see fleet.py
+            self.fleet = FleetMember(
+                store, clock, fleet_settings(config), on_claimed=self._claimed,
+                on_fenced=self._fenced, on_pauses=self._follow_pauses,
+                max_gpu_memory_mb=self._gpu_capacity, gpu_held=self._gpu_held,
+                drop_queued=lambda ids: self._dispatcher.remove_many(set(ids)))
 
     # ================================================================ lifecycle
     async def run(self, *, started: asyncio.Event | None = None) -> None:
         """Run until ``stop()``: recover, arm, serve, then shut down in order."""
         await self.store.open()
         try:
-            loaded, rerun = await self._recover()
+            if self.fleet is not None:  # jobs come by claims, not by loading the store
+                await self.fleet.join()
+                loaded = rerun = 0
+            else:
+                loaded, rerun = await self._recover()
             states = await self.store.schedule_states()
             for tc in self.config.tasks:
                 await self._make_durable(self.timetable.install(tc, states.get(tc.id)))
@@ -178,6 +191,9 @@ class Kernel:
                     self._guarded(type(sub).__name__, sub.run())))
             service_tasks.append(services.create_task(self._maintenance()))
             service_tasks.append(services.create_task(self._save_unsaved()))
+            if self.fleet is not None:
+                service_tasks.append(services.create_task(self.fleet.heartbeats()))
+                service_tasks.append(services.create_task(self.fleet.claims()))
             for svc in self._extra_services:
                 service_tasks.append(services.create_task(svc(self)))
             if started is not None:
@@ -194,6 +210,8 @@ class Kernel:
             await self._flush_unsaved()
             for t in service_tasks:
                 t.cancel()
+        if self.fleet is not None:
+            await self.fleet.leave()
 
     def stop(self, reason: str = "requested") -> None:
         """Begin an orderly shutdown (safe to call from a signal handler's callback)."""
@@ -307,6 +325,9 @@ class Kernel:
         jobs = self.timetable.occurrence_jobs(occ, wall)
         if not jobs:
             return
+        if self.fleet is not None:
+            await self._fire_fleet(jobs, wall, overlap)
+            return
         try:
             results = await self.store.submit(jobs, wall)
         except StoreError as exc:
@@ -318,6 +339,24 @@ class Kernel:
             if not res.existed:
                 self._submitted(res.job, wall)
                 self._offer(res.job, now_mono, occurrence=overlap)
+
+    async def _fire_fleet(self, jobs: list[Job], wall: float, overlap: bool) -> None:
+        """Each occurrence runs once fleet-wide: only the ones this kernel won run here. When
+        the database cannot be reached, none runs (running them from memory would run them on
+        every box)."""
+        assert self.fleet is not None
+        try:
+            won = await self.fleet.store.fire(jobs, wall, owner=self.fleet.id,
+                                              claim_before=self.fleet.claim_before(wall))
+        except StoreError as exc:
+            self._store_failed(exc)
+            log.error("%d cron occurrence(s) not fired: the fleet's database failed", len(jobs))
+            return
+        now_mono = self.clock.monotonic()
+        for job, mine in zip(jobs, won, strict=True):
+            if mine:
+                self._submitted(job, wall)
+                self._offer(job, now_mono, occurrence=overlap)
 
     def _offer(self, job: Job, now_mono: float, *, occurrence: bool = False) -> None:
         decision = self._dispatcher.offer(job, now_mono, occurrence=occurrence,
@@ -376,10 +415,17 @@ class Kernel:
     # ================================================================ one run
     async def _run_started(self, r: RunningJob) -> None:
         job = r.job
-        try:
-            await self.store.mark_running(job.id, r.started_wall, job.attempt)
-        except StoreError as exc:
-            self._store_failed(exc)
+        if self.fleet is not None:
+            owned = await self.fleet.store.mark_running_owned(
+                self.fleet.id, job.id, r.started_wall, job.attempt)
+            if not owned:
+                raise Superseded(f"job {job.id} is no longer this kernel's (rescued by another "
+                                 "or cancelled); not started")
+        else:
+            try:
+                await self.store.mark_running(job.id, r.started_wall, job.attempt)
+            except StoreError as exc:
+                self._store_failed(exc)
         self.bus.publish(RunStarted(
             at=r.started_wall, job_id=job.id, task_id=job.task_id, action=job.action,
             trace_id=job.trace_id, span_id=r.span_id, attempt=job.attempt,
@@ -404,8 +450,14 @@ class Kernel:
             job, span, res, started=started, now=self.clock.wall(), duration=duration,
             retry=rt.cfg.retry if rt is not None else None, rng=self._rng, new_id=ids.job_id,
             dependents=tt.dependent_jobs)
-        await self._save_finish(job.id, s.run, s.follow)
+        owned = await self._save_finish(job.id, s.run, s.follow)
         self._dispatcher.finished(job)
+        if not owned:  # fleet: the job was rescued meanwhile; its new owner decides what follows
+            log.warning("the outcome of job %s is recorded as superseded: another kernel "
+                        "owns it now; its follow-ups are dropped here", job.id)
+            self.bus.publish(s.event)
+            self._pump_soon()
+            return
         if rt is not None and tt.is_current(rt):
             rt.last_outcome = s.run.outcome.value
             rt.last_error_code = s.run.error_code
@@ -414,14 +466,24 @@ class Kernel:
         for j in s.follow:
             self._submitted(j, wall)
         self.bus.publish(s.event)
-        self.timers.arm_jobs(s.follow)
+        if self.fleet is None:  # in a fleet they wait in the database for whoever claims them
+            self.timers.arm_jobs(s.follow)
+        else:
+            self.fleet.wake()
         for dep in s.skipped:
             await self._skip_dependent(dep, job)
         self._pump_soon()
 
-    async def _save_finish(self, job_id: str, run: RunRecord, follow: list[Job]) -> None:
+    async def _finish_write(self, job_id: str, run: RunRecord, follow: list[Job]) -> bool:
+        if self.fleet is not None:
+            return await self.fleet.store.finish_owned(self.fleet.id, job_id, run, follow)
+        await self.store.finish(job_id, run, follow)
+        return True
+
+    async def _save_finish(self, job_id: str, run: RunRecord, follow: list[Job]) -> bool:
+        """Record an outcome; False in fleet mode when the job is another kernel's now."""
         try:
-            await self.store.finish(job_id, run, follow)
+            return await self._finish_write(job_id, run, follow)
         except StoreError as exc:
             self._store_failed(exc)
             log.error("the outcome of job %s (%s) is kept in memory and written again until "
@@ -429,11 +491,12 @@ class Kernel:
                       "the next start (recovered)", job_id, run.outcome.value)
             self._unsaved.append(_Unsaved(job_id, run, list(follow)))
             self._unsaved_wake.set()
+            return True
 
     async def _skip_dependent(self, dep: Job, upstream: Job) -> None:
         """Record ``dep`` as skipped because ``upstream`` failed (and its dependents, in turn)."""
         try:
-            await self.store.submit([dep], self.clock.wall())
+            await self._store_new([dep], self.clock.wall(), claim_all=True)
         except StoreError as exc:
             self._store_failed(exc)
         self._submitted(dep, self.clock.wall())
@@ -477,7 +540,7 @@ class Kernel:
         while self._unsaved:
             u = self._unsaved[0]
             try:
-                await self.store.finish(u.job_id, u.run, u.follow)
+                await self._finish_write(u.job_id, u.run, u.follow)
             except StoreError as exc:
                 u.tries += 1
                 log.warning("writing the outcome of job %s failed again (try %d): [%s] %s",
@@ -518,16 +581,40 @@ class Kernel:
             raise QueueFull(
                 f"the ready queue is full ({self._dispatcher.queued} of "
                 f"{self.config.scheduler.queue_depth} waiting); nothing was stored")
-        results = await self.store.submit(jobs, wall)
-        self._accept([r.job for r in results if not r.existed])
+        results, mine = await self._store_new(jobs, wall)
+        self._accept(results, mine)
         return results
 
-    def _accept(self, jobs: list[Job]) -> None:
-        """Jobs just made durable: due ones go straight to the ready queue, others to the wheel."""
+    async def _store_new(self, jobs: list[Job], wall: float, *, claim_all: bool = False
+                         ) -> tuple[list[SubmitResult], list[Job]]:
+        """Store new jobs (acknowledged after commit); the jobs this kernel holds now. In a
+        fleet, only those due within the claim horizon (or all, ``claim_all``) are claimed at
+        insert; the others wait in the database for whichever kernel claims them."""
+        if self.fleet is None:
+            results = await self.store.submit(jobs, wall)
+            return results, [r.job for r in results if not r.existed]
+        before = math.inf if claim_all else self.fleet.claim_before(wall)
+        results, owned = await self.fleet.store.submit_claimed(jobs, wall, self.fleet.id, before)
+        return results, [r.job for r, o in zip(results, owned, strict=True)
+                         if o and not r.existed]
+
+    def _accept(self, results: list[SubmitResult], mine: list[Job]) -> None:
+        """Jobs just made durable: every new one is announced; of those this kernel holds, due
+        ones go straight to the ready queue, others to the wheel."""
+        wall = self.clock.wall()
+        for r in results:
+            if not r.existed:
+                self._submitted(r.job, wall)
+        self._hold(mine)
+
+    def _claimed(self, jobs: list[Job]) -> None:
+        """Jobs the fleet member claimed (submitted elsewhere, rescued, follow-ups)."""
+        self._hold(jobs)
+
+    def _hold(self, jobs: list[Job]) -> None:
         wall = self.clock.wall()
         mono = self.clock.monotonic()
         for job in jobs:
-            self._submitted(job, wall)
             if job.due_at <= wall:
                 self._offer(job, mono)
             else:
@@ -568,8 +655,12 @@ class Kernel:
             self.runner.cancel(r, "request")
             return r.job
         stored = await self.store.get_job(job_id)
-        if stored is not None:  # stored but not armed here (should not happen): remove it
-            await self.store.cancel(job_id)
+        if stored is not None:  # stored, not held here (fleet: another kernel's or unclaimed)
+            run = completion.record(stored, ids.span_id(), Result(
+                Outcome.CANCELLED, ErrorCode.ERR_CANCELLED, "cancelled by request"), None,
+                self.clock.wall())
+            await self.store.cancel(job_id, run)
+            self.bus.publish(RunCancelled(at=run.finished_at, run=run, duration=0.0))
             return stored
         raise NotFound(f"no pending or running job {job_id!r}")
 
@@ -606,8 +697,8 @@ class Kernel:
             raise ShuttingDown("the kernel is not accepting jobs (starting or stopping)")
         if not jobs:
             return []
-        results = await self.store.submit(jobs, self.clock.wall())
-        self._accept([r.job for r in results if not r.existed])
+        results, mine = await self._store_new(jobs, self.clock.wall())
+        self._accept(results, mine)
         return [r.job for r in results]
 
     async def reload(self, new: Config, source: str = "reload") -> ConfigReloaded:
@@ -697,7 +788,9 @@ class Kernel:
                         gpu_note=self.gpu.probe.unavailable_reason,
                         queued_jobs=tuple(
                             QueuedView(j.id, j.task_id, j.action, j.priority, d.held_reason(j.id))
-                            for j in d.queued_jobs()[:50]))
+                            for j in d.queued_jobs()[:50]),
+                        kernel_id=self.fleet.id if self.fleet else None,
+                        fleet=self.fleet.members if self.fleet else (), unsaved=len(self._unsaved))
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -706,6 +799,32 @@ class Kernel:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    # ================================================================ fleet callbacks
+    def _fenced(self) -> None:
+        """This kernel lost its place in the fleet: give up every job it holds but has not
+        started (runs in flight finish; their outcomes are recorded as superseded)."""
+        dropped = self.timers.drop_jobs() + len(self._dispatcher.remove_many(None))
+        log.error("fenced: dropped %d claimed job(s); they are rescued by the fleet", dropped)
+
+    def _follow_pauses(self, states: dict[str, ScheduleState]) -> None:
+        """Pause and resume are fleet-wide: follow what another kernel stored."""
+        tt = self.timetable
+        for tid, rt in tt.tasks.items():
+            st = states.get(tid)
+            if st is None or st.paused == rt.paused:
+                continue
+            if st.paused:
+                tt.pause(tid)
+            else:
+                tt.resume(tid)
+
+    def _gpu_capacity(self) -> int:
+        """The largest GPU job this box could ever run (claims skip bigger ones)."""
+        return max((c.total_mb for c in self.gpu.probe.gpus()), default=0)
+
+    def _gpu_held(self) -> list[str]:
+        return [jid for jid, why in self._dispatcher.held().items() if "GPU" in why]
 
     # ================================================================ helpers
     def _store_failed(self, exc: StoreError) -> None:
@@ -729,3 +848,19 @@ class Kernel:
                 await self.store.purge_dedup(now)
             except StoreError as exc:
                 self._store_failed(exc)
+
+
+def fleet_settings(config: Config) -> FleetSettings:
+    """``[fleet]`` of the configuration (defaults where the section or a field is absent)."""
+    f = getattr(config, "fleet", None)
+    if f is None:
+        return FleetSettings()
+    d = FleetSettings()
+
+    def dur(name: str, default: float) -> float:
+        v = getattr(f, name, None)
+        return default if v is None else (secs(v) or default)
+
+    return FleetSettings(heartbeat=dur("heartbeat", d.heartbeat), ttl=dur("ttl", d.ttl),
+                         horizon=dur("claim_horizon", d.horizon),
+                         batch=int(getattr(f, "claim_batch", d.batch)))

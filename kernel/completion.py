@@ -18,7 +18,15 @@ from typing import Any
 import msgspec
 
 from .config import RetryPolicy
-from .errors import ActionError, ActionNotFound, BadPayload, ErrorCode, KernelError, Retry
+from .errors import (
+    ActionError,
+    ActionNotFound,
+    BadPayload,
+    ErrorCode,
+    KernelError,
+    Retry,
+    Superseded,
+)
 from .events import (
     RunCancelled,
     RunFailed,
@@ -59,6 +67,8 @@ NewId = Callable[[], str]
 
 def classify(exc: BaseException) -> Result:
     """What an action's exception means (``Retry`` asks for another attempt)."""
+    if isinstance(exc, Superseded):  # not ours to run: neither a failure nor a retry
+        return Result(Outcome.CANCELLED, exc.code, exc.message)
     if isinstance(exc, Retry):
         return Result(Outcome.FAILED, exc.code, exc.message, retryable=True,
                       retry_after=exc.delay)

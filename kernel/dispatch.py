@@ -135,6 +135,29 @@ class Dispatcher:
     def held_reason(self, job_id: str) -> str | None:
         return self._held.get(job_id)
 
+    def held(self) -> dict[str, str]:
+        """Queued jobs a limit or gate holds back, with the reason."""
+        return dict(self._held)
+
+    def remove_many(self, job_ids: set[str] | None = None) -> list[Job]:
+        """Take queued jobs out (all of them when ``job_ids`` is None): a fenced fleet member
+        gives up what it claimed. Running jobs are not touched."""
+        keep: list[_HeapItem] = []
+        out: list[Job] = []
+        for item in self._heap:
+            job = item[2].job
+            if job_ids is None or job.id in job_ids:
+                out.append(job)
+                if job.task_id:
+                    self._queued_by_task[job.task_id] -= 1
+                self._held.pop(job.id, None)
+            else:
+                keep.append(item)
+        if out:
+            heapq.heapify(keep)
+            self._heap = keep
+        return out
+
     # ---- decisions --------------------------------------------------------------------------
     def offer(self, job: Job, now: float, *, occurrence: bool = False,
               concurrency_key: str | None = None) -> Decision:

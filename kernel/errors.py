@@ -34,6 +34,7 @@ class ErrorCode(enum.StrEnum):
     ERR_TIMEOUT = "ERR_TIMEOUT"
     ERR_CANCELLED = "ERR_CANCELLED"
     ERR_ABANDONED = "ERR_ABANDONED"
+    ERR_SUPERSEDED = "ERR_SUPERSEDED"
     ERR_ACTION_FAILED = "ERR_ACTION_FAILED"
     ERR_ACTION_NOT_FOUND = "ERR_ACTION_NOT_FOUND"
     ERR_BAD_PAYLOAD = "ERR_BAD_PAYLOAD"
@@ -100,6 +101,11 @@ CATALOGUE: dict[ErrorCode, CatalogueEntry] = {
            "Fix the action: it must let asyncio.CancelledError propagate (not swallow it), and "
            "must not block the event loop; run blocking Python code as a `python` action "
            "(worker process) or in a thread."),
+        _e(C.ERR_SUPERSEDED, "Fleet mode: this kernel lost the job before it could start or "
+           "record it (its heartbeat lapsed and another kernel rescued the job, or it was "
+           "cancelled meanwhile); the run is recorded as superseded and its follow-ups dropped.",
+           "Nothing if it is rare; if frequent, look for kernels that stall longer than "
+           "`[fleet] ttl` (loop stalls, database latency) or raise the TTL."),
         _e(C.ERR_ACTION_FAILED, "The action raised an exception that carried no more specific code.",
            "Read the run's error text (GET /runs/{trace_id} or `python -m kernel runs`)."),
         _e(C.ERR_ACTION_NOT_FOUND, "No installed plugin provides the named action.",
@@ -302,6 +308,12 @@ class BadPayload(SubmitError):
 
 class GpuUnavailable(SubmitError):
     code = ErrorCode.ERR_GPU_UNAVAILABLE
+
+
+class Superseded(KernelError):
+    """Fleet mode: the job is no longer this kernel's (rescued by another, or cancelled)."""
+
+    code = ErrorCode.ERR_SUPERSEDED
 
 
 class NotFound(KernelError):

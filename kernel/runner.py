@@ -118,9 +118,9 @@ class Runner:
         r.started_wall = wall
         job.state = JobState.RUNNING
         job.started_at = wall
-        await self._on_start(r)
         shutdown = False
         try:
+            await self._on_start(r)
             res = succeeded(await self._call(r))
         except asyncio.CancelledError:
             reason = r.cancel_reason or SHUTDOWN

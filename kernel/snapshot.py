@@ -21,6 +21,7 @@ from .events import (
     RunSucceeded,
     RunTimedOut,
 )
+from .fleet import MemberView
 
 
 @dataclass(slots=True)
@@ -121,3 +122,6 @@ class Snapshot:
     gpus: tuple[GpuView, ...] = ()
     gpu_note: str | None = None
     queued_jobs: tuple[QueuedView, ...] = ()
+    kernel_id: str | None = None                 # fleet mode: this kernel's id
+    fleet: tuple[MemberView, ...] = ()           # fleet mode: every kernel of the fleet
+    unsaved: int = 0                             # outcomes the store has not taken yet

@@ -152,6 +152,14 @@ class Timers:
         entry = self._pending.get(job_id)
         return None if entry is None else _decode(entry[1])
 
+    def drop_jobs(self) -> int:
+        """Forget every pending job (a fenced fleet member gives up what it claimed)."""
+        n = len(self._pending)
+        for handle, _body in self._pending.values():
+            self._wheel.cancel(handle)
+        self._pending.clear()
+        return n
+
     @property
     def pending_jobs(self) -> int:
         return len(self._pending)

@@ -321,6 +321,10 @@ async def test_stop_and_restart_keep_pending_and_rerun_running_jobs(
     pending = [await h.kernel.submit(SubmitRequest(action="rec", delay=60)) for _ in range(5)]
     running = await h.kernel.submit(SubmitRequest(action="rec", payload={"mode": "block"}))
     await h.idle()
+    for _ in range(1000):  # SQLite writes go through a real thread: wait for the condition
+        if h.rec.calls:
+            break
+        await asyncio.sleep(0.005)
     assert [c.job_id for c in h.rec.calls] == [running.job.id]
     await h.stop()
     if kind == "sqlite":
@@ -330,6 +334,10 @@ async def test_stop_and_restart_keep_pending_and_rerun_running_jobs(
     await h2.start()
     assert h2.kernel.counters.recovered == 1
     await h2.advance(61)
+    for _ in range(1000):  # SQLite writes go through a real thread: wait for the condition
+        if len(h2.rec.calls) >= 6:
+            break
+        await asyncio.sleep(0.005)
     calls = {c.job_id: c for c in h2.rec.calls}
     assert set(calls) == {running.job.id} | {p.job.id for p in pending}
     assert calls[running.job.id].attempt == 2  # it was running at the stop: attempt raised

@@ -1,0 +1,247 @@
+"""Fleet membership: several kernels share one PostgreSQL store (``backend = "postgres"``).
+
+One ``FleetMember`` per kernel process. It registers a fresh kernel id, renews one heartbeat
+row, rescues the jobs of kernels whose heartbeat expired (any member may: no leader), and
+claims jobs due within a short horizon into this kernel's timers (claim-ahead, ``FOR UPDATE
+SKIP LOCKED`` in the store). A member that loses its heartbeat (the store says it was declared
+dead, or the database was unreachable for longer than the TTL) fences itself at once: it drops
+the jobs it claimed, stops starting new ones, and registers again under a fresh id.
+
+It knows the store's fleet methods (``FleetStore``) and what the kernel hands it when built
+(the clock, callbacks); it never imports the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from .clock import Clock
+from .errors import StoreError
+from .records import Job, RunRecord, ScheduleState, SubmitResult
+
+log = logging.getLogger("kernel.fleet")
+
+
+@runtime_checkable
+class FleetStore(Protocol):
+    """The store methods fleet mode needs (``kernel.store.postgres.PostgresStore``)."""
+
+    async def register_kernel(self, kernel_id: str, host: str, pid: int,
+                              now: float | None) -> None: ...
+    async def heartbeat(self, kernel_id: str, now: float | None) -> bool: ...
+    async def kernels(self) -> Sequence[Any]: ...
+    async def expire_kernel(self, kernel_id: str) -> Any: ...
+    async def rescue_expired(self, now: float | None, ttl: float) -> Any: ...
+    async def claim_due(self, owner: str, now: float, horizon: float, limit: int, *,
+                        max_gpu_memory_mb: int | None = None) -> list[Job]: ...
+    async def release(self, owner: str, job_ids: Sequence[str]) -> int: ...
+    async def submit_claimed(self, jobs: Sequence[Job], now: float, owner: str,
+                             claim_before: float) -> tuple[list[SubmitResult], list[bool]]: ...
+    async def mark_running_owned(self, owner: str, job_id: str, started_at: float,
+                                 attempt: int) -> bool: ...
+    async def finish_owned(self, owner: str, job_id: str, run: RunRecord,
+                           follow_up: Sequence[Job] = ()) -> bool: ...
+    async def fire(self, jobs: Sequence[Job], now: float, *, owner: str | None = None,
+                   claim_before: float | None = None) -> list[bool]: ...
+    async def purge_fired(self, before: float, batch: int = 5000) -> int: ...
+    async def listen(self, wake: Callable[[], None]) -> None: ...
+    async def schedule_states(self) -> dict[str, ScheduleState]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSettings:
+    heartbeat: float = 2.0       # seconds between heartbeats (and rescues)
+    ttl: float = 10.0            # a kernel silent this long is declared dead by the others
+    horizon: float = 2.0         # claim jobs due within this many seconds
+    batch: int = 500             # jobs per claim
+    fired_keep: float = 86_400.0  # fired occurrences are forgotten after this (> any grace)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    """One kernel of the fleet, for ``/snapshot`` and the TUI."""
+
+    id: str
+    host: str
+    pid: int
+    heartbeat_age: float
+    me: bool
+
+
+def new_kernel_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class FleetMember:
+    def __init__(self, store: FleetStore, clock: Clock, settings: FleetSettings, *,
+                 on_claimed: Callable[[list[Job]], None],
+                 on_fenced: Callable[[], None],
+                 on_pauses: Callable[[dict[str, ScheduleState]], None],
+                 max_gpu_memory_mb: Callable[[], int | None],
+                 gpu_held: Callable[[], list[str]],
+                 drop_queued: Callable[[Sequence[str]], object]) -> None:
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        self.id = new_kernel_id()
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._on_claimed = on_claimed
+        self._on_fenced = on_fenced
+        self._on_pauses = on_pauses
+        self._max_gpu = max_gpu_memory_mb
+        self._gpu_held = gpu_held
+        self._drop_queued = drop_queued
+        self.fenced = True            # until join()
+        self._wake = asyncio.Event()
+        self._last_beat = -1.0        # monotonic instant of the last successful heartbeat
+        self._held_ticks: dict[str, int] = {}
+        self.members: tuple[MemberView, ...] = ()
+        self.claimed = 0
+        self.rescued = 0
+
+    # ---- joining and leaving -----------------------------------------------------------------
+    async def join(self) -> None:
+        """Register; take back at once the jobs of this box's previous process (same host,
+        its pid gone), without waiting for the TTL."""
+        for k in await self.store.kernels():
+            if k.host == self.host and k.id != self.id and not _alive(k.pid):
+                r = await self.store.expire_kernel(k.id)
+                log.info("took back %d job(s) of this box's previous kernel %s (pid %d)",
+                         len(r.jobs), k.id, k.pid)
+        await self.store.register_kernel(self.id, self.host, self.pid, None)
+        self.fenced = False
+        self._last_beat = self.clock.monotonic()
+        await self.store.listen(self._wake.set)
+        log.info("joined the fleet as %s", self.id)
+
+    async def leave(self) -> None:
+        """An orderly stop: give back what this kernel claimed, at once."""
+        self.fenced = True
+        try:
+            r = await self.store.expire_kernel(self.id)
+            if r.jobs:
+                log.info("gave back %d claimed job(s) to the fleet", len(r.jobs))
+        except StoreError as exc:
+            log.warning("leaving the fleet failed (the others rescue our jobs after the TTL): "
+                        "[%s] %s", exc.code, exc)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def claim_before(self, now: float) -> float:
+        return now + self.settings.horizon
+
+    # ---- the services ------------------------------------------------------------------------
+    async def heartbeats(self) -> None:
+        """Renew, fence on loss, rescue the dead, follow fleet-wide pauses, purge old fired
+        occurrences now and then."""
+        s = self.settings
+        beats = 0
+        while True:
+            await self.clock.sleep(s.heartbeat)
+            beats += 1
+            try:
+                alive = await self.store.heartbeat(self.id, None)
+            except StoreError as exc:
+                log.warning("heartbeat failed: [%s] %s", exc.code, exc)
+                if self.clock.monotonic() - self._last_beat > s.ttl:
+                    await self._fence("the database was unreachable for longer than the TTL")
+                continue
+            if not alive:
+                await self._fence("the fleet declared this kernel dead (a missed heartbeat)")
+                continue
+            self._last_beat = self.clock.monotonic()
+            try:
+                r = await self.store.rescue_expired(None, s.ttl)
+                if r.jobs or r.kernels:
+                    self.rescued += len(r.jobs)
+                    log.warning("rescued %d job(s) of dead kernel(s) %s (%d had started: they "
+                                "run again, recovered)", len(r.jobs), ", ".join(r.kernels),
+                                len(r.restarted))
+                    self._wake.set()
+                self._on_pauses(await self.store.schedule_states())
+                await self._view()
+                await self._release_gpu_held()
+                if beats % 300 == 0:
+                    await self.store.purge_fired(self.clock.wall() - s.fired_keep)
+            except StoreError as exc:
+                log.warning("fleet upkeep failed: [%s] %s", exc.code, exc)
+
+    async def claims(self) -> None:
+        """Claim jobs due within the horizon, in batches; woken by NOTIFY, polling anyway."""
+        s = self.settings
+        while True:
+            got = 0
+            if not self.fenced:
+                try:
+                    jobs = await self.store.claim_due(
+                        self.id, self.clock.wall(), s.horizon, s.batch,
+                        max_gpu_memory_mb=self._max_gpu())
+                except StoreError as exc:
+                    log.warning("claiming jobs failed: [%s] %s", exc.code, exc)
+                    jobs = []
+                got = len(jobs)
+                if jobs:
+                    self.claimed += got
+                    self._on_claimed(jobs)
+            if got >= s.batch:
+                await asyncio.sleep(0)
+                continue
+            self._wake.clear()
+            await self.clock.sleep_until(self.clock.monotonic() + s.horizon / 2, self._wake)
+
+    # ---- internals ---------------------------------------------------------------------------
+    async def _fence(self, why: str) -> None:
+        log.error("fencing: %s; dropping the jobs this kernel claimed and registering again", why)
+        self.fenced = True
+        self._on_fenced()
+        self.id = new_kernel_id()
+        try:
+            await self.store.register_kernel(self.id, self.host, self.pid, None)
+        except StoreError as exc:
+            log.error("registering again failed: [%s] %s", exc.code, exc)
+            return
+        self.fenced = False
+        self._last_beat = self.clock.monotonic()
+        log.info("registered again as %s", self.id)
+
+    async def _view(self) -> None:
+        try:
+            ks = await self.store.kernels()
+        except StoreError:
+            return
+        newest = max((k.heartbeat_at for k in ks), default=0.0)
+        self.members = tuple(MemberView(k.id, k.host, k.pid, max(0.0, newest - k.heartbeat_at),
+                                        k.id == self.id) for k in ks)
+
+    async def _release_gpu_held(self) -> None:
+        """GPU jobs held here for two heartbeats go back to the fleet: another box may have
+        the memory (they are claimed again by whoever can admit them)."""
+        held = set(self._gpu_held())
+        ticks = {jid: self._held_ticks.get(jid, 0) + 1 for jid in held}
+        self._held_ticks = ticks
+        give = [jid for jid, n in ticks.items() if n >= 2]
+        if give:
+            self._drop_queued(give)
+            for jid in give:
+                ticks.pop(jid, None)
+            n = await self.store.release(self.id, give)
+            log.info("gave back %d GPU job(s) this box cannot admit soon", n)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
