@@ -42,13 +42,15 @@ import aiohttp
 import msgspec
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from . import logs
+from .client import default_token
 from .clock import Clock, SystemClock
 from .errors import KernelError
-from .events import ConfigReloaded, Event, EventBus
+from .events import ConfigReloaded, Event, EventBus, LoopStalled
 from .records import RunQuery, RunRecord
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "RunRow",
     "RunningRow",
     "SnapshotView",
+    "StallRow",
     "TaskRow",
     "TuiState",
     "TuiView",
@@ -69,11 +72,13 @@ __all__ = [
     "observe",
     "observe_error",
     "observe_reload",
+    "observe_stall",
     "rates",
     "render",
     "render_state",
     "run_attached",
     "run_inprocess",
+    "stall_row",
     "view_from_snapshot",
     "with_logs",
 ]
@@ -88,6 +93,8 @@ RECENT_RELOADS = 5
 WIDE = 120  # at least this many columns: every column, blank lines between sections
 LOG_CAPACITY = 200  # log lines the in-process pane keeps (it shows the newest that fit)
 SPARK = "▁▂▃▄▅▆▇█"
+STALL_SHOWN = 15 * 60.0  # seconds a loop stall stays on the status line
+BAR_WIDE, BAR_COMPACT = 16, 8  # cells of a running job's progress bar
 
 _OUTCOME_STYLE = {"succeeded": "green", "failed": "bold red", "timed_out": "yellow",
                   "cancelled": "dim", "skipped": "dim"}
@@ -120,6 +127,9 @@ class RunningRow(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int = 1
     elapsed: float = 0.0
     timeout: float | None = None
+    done: float | None = None   # what the action reported with ctx.progress (None: nothing)
+    total: float | None = None  # None: unknown (a count and a pulse, no bar)
+    note: str = ""
 
 
 class CountersView(msgspec.Struct, frozen=True, kw_only=True):
@@ -204,11 +214,22 @@ class ReloadRow(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
 
 
+class StallRow(msgspec.Struct, frozen=True, kw_only=True):
+    """The last stall of the kernel's event loop (a ``LoopStalled`` event): when it was seen,
+    how late the loop was, and the runs in flight then (the likely culprits)."""
+
+    at: float
+    lag: float
+    job_ids: tuple[str, ...] = ()
+    task_ids: tuple[str, ...] = ()
+
+
 class TuiView(msgspec.Struct, frozen=True, kw_only=True):
     snapshot: SnapshotView
     recent_runs: tuple[RunRow, ...] = ()
     api_version: int = 1
     reloads: tuple[ReloadRow, ...] = ()
+    last_stall: StallRow | None = None  # optional: a kernel that serves it
 
 
 _decoder = msgspec.json.Decoder(TuiView)
@@ -306,6 +327,11 @@ def reload_row(event: ConfigReloaded) -> ReloadRow:
                      error=event.error)
 
 
+def stall_row(event: LoopStalled) -> StallRow:
+    return StallRow(at=event.at, lag=event.lag, job_ids=tuple(event.job_ids),
+                    task_ids=tuple(event.task_ids))
+
+
 # ====================================================================== state between frames
 @dataclass(frozen=True, slots=True)
 class Sample:
@@ -331,6 +357,7 @@ class TuiState:
     reloads: tuple[ReloadRow, ...] = ()
     logs: tuple[str, ...] | None = None  # the in-process log pane's newest lines; None: no pane
     log_file: str | None = None          # where every line goes while the pane shows a few
+    stall: StallRow | None = None        # the last loop stall seen in-process
 
 
 def observe(state: TuiState, view: TuiView) -> TuiState:
@@ -356,6 +383,13 @@ def observe_error(state: TuiState, message: str) -> TuiState:
 
 def observe_reload(state: TuiState, row: ReloadRow) -> TuiState:
     return replace(state, reloads=(row, *state.reloads)[:RECENT_RELOADS])
+
+
+def observe_stall(state: TuiState, row: StallRow) -> TuiState:
+    """Keep the newest loop stall (an older one arriving late does not replace it)."""
+    if state.stall is not None and state.stall.at > row.at:
+        return state
+    return replace(state, stall=row)
 
 
 def with_logs(state: TuiState, lines: Sequence[str]) -> TuiState:
@@ -560,6 +594,32 @@ def _status_line(state: TuiState, width: int) -> Text | None:
     return _line(t, width)
 
 
+def _stall_line(stall: StallRow | None, now: float, width: int, wide: bool) -> Text | None:
+    """The last loop stall, for ``STALL_SHOWN`` seconds after it: when, how long, which runs
+    were in flight (tasks first: they name what to fix)."""
+    if stall is None or not (-60.0 <= now - stall.at <= STALL_SHOWN):
+        return None
+    fresh = now - stall.at <= 60.0
+    t = Text(f"⚠ loop stalled {stall.lag:.2f}s", style="bold yellow" if fresh else "yellow")
+    t.append(f" at {_hms(stall.at)}Z ({_rel(stall.at, now)})" if wide
+             else f" {_rel(stall.at, now)}")
+    if stall.task_ids:
+        t.append(f"  tasks {', '.join(stall.task_ids)}")
+    if stall.job_ids and (wide or not stall.task_ids):
+        t.append(f"  jobs {', '.join(stall.job_ids)}", style="dim")
+    if not stall.job_ids and not stall.task_ids:
+        t.append("  no run in flight", style="dim")
+    return _line(t, width)
+
+
+def _last_stall(view: TuiView, state: TuiState | None) -> StallRow | None:
+    mine = state.stall if state is not None else None
+    theirs = view.last_stall
+    if mine is None or theirs is None:
+        return mine or theirs
+    return mine if mine.at >= theirs.at else theirs
+
+
 def _gpu_lines(gpus: Sequence[GpuRow], note: str | None, width: int,
                wide: bool) -> list[Text]:
     if not gpus:
@@ -673,8 +733,9 @@ def _running(view: TuiView, rows: int, width: int, wide: bool) -> RenderableType
         _col(t, "TRACE", max_width=32)
     _col(t, "ATT", max_width=3, justify="right")
     _col(t, "ELAPSED/TIMEOUT", max_width=20 if wide else 15, justify="right")
-    if wide:
-        _col(t, "PROGRESS", max_width=22)
+    cells_ = BAR_WIDE if wide else BAR_COMPACT
+    _col(t, "PROGRESS", min_width=cells_, max_width=cells_)
+    _col(t, "DONE", ratio=3 if wide else 2, min_width=4)
     jobs = sorted(s.running, key=_running_order)
     shown, hidden = _fit(jobs, rows, s.n_running)
     for r in shown:
@@ -687,21 +748,57 @@ def _running(view: TuiView, rows: int, width: int, wide: bool) -> RenderableType
         cells.append(r.action)
         if wide:
             cells.append(r.trace_id)
-        cells += [str(r.attempt), el]
-        if wide:
-            cells.append(_bar(r.elapsed, r.timeout, 20))
+        cells += [str(r.attempt), el, *_progress(r, s.at, cells_)]
         t.add_row(*cells)
     _more(t, hidden)
     return t
 
 
-def _bar(elapsed: float, timeout: float | None, cells: int) -> Text:
-    if timeout is None or timeout <= 0:
-        return Text("")
-    frac = max(0.0, min(1.0, elapsed / timeout))
-    n = round(frac * cells)
-    style = "red" if frac > 0.8 else "yellow" if frac > 0.5 else "green"
-    return Text("█" * n, style=style) + Text("░" * (cells - n), style="dim")
+def _qty(x: float) -> str:
+    """A count for a narrow cell: 1234, 12.3k, 4.56M; fractions with 3 digits."""
+    if x.is_integer():
+        n = int(x)
+        if abs(n) < 10_000:
+            return str(n)
+        for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(n) >= div:
+                return f"{n / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _pulse(at: float, cells: int) -> Text:
+    """A short block going back and forth, two cells per second of ``at`` (a frame at the
+    default cadence): alive, but no fraction. Drawn in plain characters so that it reads on a
+    terminal without colours too (rich's pulse is a full bar there)."""
+    span = min(3, cells)
+    travel = max(1, cells - span)
+    k = int(at * 2) % (2 * travel)
+    pos = k if k <= travel else 2 * travel - k
+    pos = min(pos, cells - span)
+    return (Text("─" * pos, style="dim") + Text("━" * span, style="cyan")
+            + Text("─" * (cells - span - pos), style="dim"))
+
+
+def _progress(r: RunningRow, at: float, cells: int) -> tuple[RenderableType, Text]:
+    """The bar and the text of what ``r``'s action reported with ``ctx.progress``: a rich
+    progress bar and "45% 9/20" when the total is known, a pulse (moved by the snapshot's
+    instant, so rendering stays pure) and a count when it is not, then the note."""
+    if r.done is None and r.total is None:
+        return Text(""), Text("")
+    done = r.done or 0.0
+    bar: RenderableType
+    if r.total is not None:
+        frac = 1.0 if r.total <= 0 else max(0.0, min(1.0, done / r.total))
+        bar = ProgressBar(total=max(r.total, 0.0), completed=min(max(done, 0.0), r.total),
+                          width=cells)
+        text = Text(f"{int(frac * 100)}%", style="bold")
+        text.append(f" {_qty(done)}/{_qty(r.total)}")
+    else:
+        bar = _pulse(at, cells)
+        text = Text(_qty(done), style="bold")
+    if r.note:
+        text.append(f" {r.note}", style="dim")
+    return bar, text
 
 
 def _runs(view: TuiView, rows: int, width: int, wide: bool) -> RenderableType:
@@ -756,6 +853,9 @@ def render(view: TuiView, width: int, height: int | None = None, *,
                                    _rates_line(view, state, width, wide)]
     if state is not None and (status := _status_line(state, width)) is not None:
         lines.append(status)
+    if (stalled := _stall_line(_last_stall(view, state), view.snapshot.at, width,
+                               wide)) is not None:
+        lines.append(stalled)
     lines += _gpu_lines(view.snapshot.gpus, view.snapshot.gpu_note, width, wide)
     reloads = view.reloads or (state.reloads if state is not None else ())
     lines += _reload_lines(reloads, view.snapshot.at, width, wide)
@@ -832,8 +932,12 @@ async def _fetch(session: aiohttp.ClientSession, url: str, token: str | None) ->
     try:
         async with session.get(url, headers=headers) as resp:
             if resp.status in (401, 403):
-                raise _FetchError(f"HTTP {resp.status} from {url}: pass --token or set "
-                                  "KERNEL_API_TOKEN")
+                raise _FetchError(
+                    f"HTTP {resp.status} from {url}: pass --token or set KERNEL_API_TOKEN "
+                    f"({'a wrong token was sent' if token else 'no token was sent'}); on the "
+                    "kernel's machine the token is in <data dir>/api.token (data dir: "
+                    "$KERNEL_DATA_DIR, else ~/.local/share/open-autoglm-kernel), read for a "
+                    "loopback --url only")
             if resp.status != 200:
                 raise _FetchError(f"HTTP {resp.status} from {url}")
             body = await resp.read()
@@ -1047,11 +1151,14 @@ async def run_inprocess(kernel: KernelLike, *, refresh: float = 1.0,
         return
     state = TuiState(logs=(), log_file=None if log_file is None else os.fspath(log_file))
     pending: list[ReloadRow] = []
+    stalls: list[StallRow] = []
 
     def on_event(ev: Event) -> None:  # the only per-event work: keep reloads for the frame
         if isinstance(ev, ConfigReloaded):
             pending.append(reload_row(ev))
             del pending[:-RECENT_RELOADS]
+        elif isinstance(ev, LoopStalled):
+            stalls[:] = [stall_row(ev)]
 
     pane = LogPane(log_capacity)
     unsubscribe = kernel.bus.subscribe(on_event)
@@ -1064,6 +1171,9 @@ async def run_inprocess(kernel: KernelLike, *, refresh: float = 1.0,
                 for row in pending:
                     state = observe_reload(state, row)
                 pending.clear()
+                for stall in stalls:
+                    state = observe_stall(state, stall)
+                stalls.clear()
                 width, height = _frame_size(console, False)
                 try:
                     records = await kernel.store.query_runs(RunQuery(limit=runs))
@@ -1085,7 +1195,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=None,
                    help=f"the kernel's API (default: $KERNEL_URL or {DEFAULT_URL})")
     p.add_argument("--token", default=None,
-                   help="API bearer token (default: $KERNEL_API_TOKEN)")
+                   help="API bearer token (default: $KERNEL_API_TOKEN, else for a loopback "
+                        "URL the kernel's <data dir>/api.token; data dir: $KERNEL_DATA_DIR "
+                        "or ~/.local/share/open-autoglm-kernel)")
     p.add_argument("--refresh", type=float, default=1.0, help="seconds between polls")
     p.add_argument("--inline", action="store_true",
                    help="draw below the prompt instead of using the full screen")
@@ -1102,7 +1214,7 @@ def add_tui_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def cmd_tui(a: argparse.Namespace) -> int:
     url = a.url or os.environ.get("KERNEL_URL") or DEFAULT_URL
-    token = a.token or os.environ.get("KERNEL_API_TOKEN") or None
+    token = a.token or default_token(url)
     if not a.refresh > 0:
         print("error: --refresh must be a positive number of seconds", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import io
 import json
@@ -35,6 +36,12 @@ from .harness import make_harness
 
 T0 = 1_767_225_600.0
 ROOT = Path(__file__).resolve().parent.parent
+TICK = """
+    [[tasks]]
+    id = "tick"
+    schedule = "@every 5s"
+    action = "rec"
+    """
 LONG_ID = "nightly-embedding-refresh-for-the-whole-document-corpus-" + "x" * 40
 
 
@@ -256,12 +263,7 @@ async def test_decodes_what_the_api_serves_and_matches_the_in_process_view() -> 
 
 
 async def test_run_inprocess_draws_the_kernel() -> None:
-    h = make_harness("""
-        [[tasks]]
-        id = "tick"
-        schedule = "@every 5s"
-        action = "rec"
-        """)
+    h = make_harness(TICK)
     await h.start()
     await h.advance(6)
     con = Console(width=80, height=24, color_system=None, record=True, file=io.StringIO())
@@ -445,12 +447,7 @@ async def test_inprocess_tui_draws_on_its_cadence_never_per_event_or_log_line(
     """300 events and 300 log lines between two ticks of the (fake) clock: no frame is
     drawn for them, and no log line is printed over the picture; the next tick draws one
     frame whose log pane holds the newest lines."""
-    h = make_harness("""
-        [[tasks]]
-        id = "tick"
-        schedule = "@every 5s"
-        action = "rec"
-        """)
+    h = make_harness(TICK)
     await h.start()
     term = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", term)     # stderr and stdout are the terminal...
@@ -535,12 +532,7 @@ def test_the_log_pane_fits_in_the_frame(width: int, height: int) -> None:
 async def test_inprocess_tui_can_keep_every_log_line_in_a_file(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch
                                                                ) -> None:
-    h = make_harness("""
-        [[tasks]]
-        id = "tick"
-        schedule = "@every 5s"
-        action = "rec"
-        """)
+    h = make_harness(TICK)
     await h.start()
     term = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", term)
@@ -569,3 +561,161 @@ async def test_inprocess_tui_can_keep_every_log_line_in_a_file(tmp_path: Path,
     assert "TERMINAL" not in term.getvalue()  # the terminal's handler wrote nothing
     assert f"every line: {log_file}" in term.getvalue()
     await h.stop()
+
+
+# ============================================================================ progress (ctx.progress)
+def with_progress(doc: dict[str, Any]) -> dict[str, Any]:
+    """Three running jobs: one reported 9 of 20, one 1234 of an unknown total, one nothing."""
+    running = doc["snapshot"]["running"]
+    running[0].update(done=9, total=20, note="requests, 1 item error")
+    running[1].update(done=1234, total=None, note="reading day-07.log")
+    return doc
+
+
+@pytest.mark.parametrize(("width", "height"), [(80, 24), (160, 48)])
+def test_running_jobs_show_progress_bars(width: int, height: int) -> None:
+    doc = with_progress(canned(tasks=4, running=3, runs=5, extra=True))
+    lines = draw(tui.render(view_of(doc), width, height), width, height)
+    fits(lines, width, height)
+    text = "\n".join(lines)
+    assert "PROGRESS" in text
+    bar_row = next(line for line in lines if "45%" in line)      # 9/20, rounded down
+    assert "━" in bar_row and "9/20" in bar_row                 # a rich progress bar
+    count_row = next(line for line in lines if "1234" in line)
+    assert "%" not in count_row                                 # no total: a count, no bar
+    assert "10s/1m00s" in text                                  # the timeout stays shown
+    if width >= tui.WIDE:
+        assert "reading day-07.log" in count_row
+        assert "requests, 1 item error" in bar_row
+    quiet_row = next(line for line in lines if "30s/1m00s" in line)  # never reported
+    assert "━" not in quiet_row and "%" not in quiet_row
+
+
+def test_progress_render_is_pure_and_the_spinner_moves_with_the_snapshot() -> None:
+    doc = with_progress(canned(tasks=1, running=2, runs=0))
+    first = draw(tui.render(view_of(doc), 160, 48), 160, 48)
+    assert first == draw(tui.render(view_of(doc), 160, 48), 160, 48)  # same in, same out
+    doc["snapshot"]["at"] = T0 + 1.0   # the next frame
+    later = draw(tui.render(view_of(doc), 160, 48), 160, 48)
+    row = next(i for i, line in enumerate(first) if "1234" in line)
+    assert first[row] != later[row]          # the pulse (no total) moves with snapshot.at
+    assert first[row].replace("━", "─") == later[row].replace("━", "─")  # and nothing else
+    done = next(i for i, line in enumerate(first) if "45%" in line)
+    assert first[done] == later[done]        # a bar stands still while its count does
+
+
+def test_progress_edges() -> None:
+    doc = canned(tasks=1, running=3, runs=0)
+    run = doc["snapshot"]["running"]
+    run[0].update(done=25, total=20)                   # over-reported: capped at 100%
+    run[1].update(done=0, total=0, note="nothing to do")  # an empty batch is complete
+    run[2].update(done=0.5, total=None)
+    text = "\n".join(draw(tui.render(view_of(doc), 160, 48), 160, 48))
+    assert "100% 25/20" in text and "nothing to do" in text and "100% 0/0" in text
+    assert "0.5" in text
+    assert "%" not in next(line for line in text.splitlines() if "0.5" in line
+                           and "job-r2" in line)
+
+
+def test_a_frame_carries_the_reported_progress() -> None:
+    from kernel.app import RunningView
+
+    snap = big_snapshot(10, running=3)
+    rv = list(snap.running)
+    rv[0] = RunningView(job_id="j0", task_id="task-00000", action="inference.batch",
+                        trace_id="ab" * 16, attempt=1, elapsed=49.0, timeout=600.0, done=3,
+                        total=4, note="requests")
+    snap = dataclasses.replace(snap, running=tuple(rv))
+    view = tui.frame_view(snap, (), rows=24)
+    row = next(r for r in view.snapshot.running if r.job_id == "j0")
+    assert (row.done, row.total, row.note) == (3.0, 4.0, "requests")
+    assert next(r for r in view.snapshot.running if r.job_id == "j1").done is None
+    assert "75%" in "\n".join(draw(tui.render(view, 80, 24), 80, 24))
+
+
+# ============================================================================ loop stalls
+def stall(at: float = T0 - 15, lag: float = 1.25) -> tui.StallRow:
+    return tui.StallRow(at=at, lag=lag, job_ids=("job-r1", "job-9"), task_ids=("task-02",))
+
+
+def test_the_last_loop_stall_is_shown_in_the_status_line() -> None:
+    st = tui.observe_stall(tui.observe(tui.TuiState(), view_of(canned())), stall())
+    for width, height in ((80, 24), (160, 48)):
+        lines = draw(tui.render_state(st, width, height), width, height)
+        fits(lines, width, height)
+        row = next(line for line in lines if "stalled" in line)
+        assert "1.25s" in row and "15s ago" in row and "task-02" in row
+        if width >= tui.WIDE:
+            assert f"{tui._hms(T0 - 15)}Z" in row and "job-r1" in row and "job-9" in row
+    # a newer stall replaces it; one older than the window is not shown any more
+    st = tui.observe_stall(st, stall(at=T0 - 5, lag=3.0))
+    assert "3.00s" in "\n".join(draw(tui.render_state(st, 80, 24), 80, 24))
+    st = tui.observe_stall(tui.observe(tui.TuiState(), view_of(canned())),
+                           stall(at=T0 - tui.STALL_SHOWN - 1))
+    assert "stalled" not in "\n".join(draw(tui.render_state(st, 80, 24), 80, 24))
+
+
+def test_a_stall_from_the_wire_is_shown() -> None:
+    doc = canned()
+    doc["last_stall"] = dict(at=T0 - 2, lag=0.8, job_ids=["job-r1"], task_ids=["task-02"])
+    text = "\n".join(draw(tui.render(view_of(doc), 80, 24), 80, 24))
+    assert "stalled 0.80s" in text and "task-02" in text
+
+
+async def test_run_inprocess_shows_a_loop_stall_published_on_the_bus() -> None:
+    from kernel.events import LoopStalled
+
+    h = make_harness(TICK)
+    await h.start()
+    con = Console(width=120, height=30, color_system=None, record=True, file=io.StringIO())
+    drawing = asyncio.create_task(tui.run_inprocess(h.kernel, console=con, max_frames=2))
+    await h.idle()
+    assert "stalled" not in con.export_text(clear=False)
+    h.kernel.bus.publish(LoopStalled(at=h.clock.wall(), lag=2.5, job_ids=("j-77",),
+                                     task_ids=("tick",)))
+    await h.advance(1.0)
+    await drawing
+    row = next(line for line in con.export_text().splitlines() if "stalled" in line)
+    assert "2.50s" in row and "tick" in row and "j-77" in row
+    await h.stop()
+
+
+# ============================================================================ the token
+def test_tui_command_finds_the_local_token_file(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KERNEL_API_TOKEN", raising=False)
+    monkeypatch.delenv("KERNEL_URL", raising=False)
+    monkeypatch.setenv("KERNEL_DATA_DIR", str(tmp_path))
+    (tmp_path / "api.token").write_text("from-the-file\n")
+    seen: list[tuple[str, str | None]] = []
+
+    async def fake_run_attached(url: str, token: str | None, **kw: Any) -> None:
+        seen.append((url, token))
+
+    monkeypatch.setattr(tui, "run_attached", fake_run_attached)
+    ap = argparse.ArgumentParser()
+    tui.add_tui_command(ap.add_subparsers(dest="cmd"))
+    for argv, want in ((["tui"], (tui.DEFAULT_URL, "from-the-file")),
+                       (["tui", "--token", "given"], (tui.DEFAULT_URL, "given")),
+                       # the file's token never leaves the box
+                       (["tui", "--url", "http://kernel.example:8765"],
+                        ("http://kernel.example:8765", None))):
+        a = ap.parse_args(argv)
+        assert a.handler(a) == 0
+        assert seen.pop() == want, argv
+    monkeypatch.setenv("KERNEL_API_TOKEN", "from-env")
+    a = ap.parse_args(["tui"])
+    assert a.handler(a) == 0 and seen.pop() == (tui.DEFAULT_URL, "from-env")
+    help_text = ap._subparsers._group_actions[0].choices["tui"].format_help()  # type: ignore[union-attr]
+    assert "api.token" in help_text and "KERNEL_DATA_DIR" in help_text
+
+
+async def test_a_refused_token_names_the_token_file() -> None:
+    import aiohttp
+
+    async with snapshot_server(canned(), token="s3cret") as url, aiohttp.ClientSession() as s:
+        with pytest.raises(tui._FetchError) as err:
+            await tui._fetch(s, tui.snapshot_url(url), "wrong")
+    msg = str(err.value)
+    assert "HTTP 401" in msg and "--token" in msg and "KERNEL_API_TOKEN" in msg
+    assert "api.token" in msg and "KERNEL_DATA_DIR" in msg
