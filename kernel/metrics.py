@@ -27,6 +27,14 @@ histogram and no rule reads them. They are filtered per registry at render time 
 with ``prometheus_client.disable_created_metrics()``, a process-wide switch that would also
 change the registries of a program that embeds the kernel.
 
+Progress (``ctx.progress``): ``run_progress_ratio{job_id,action}`` is ``done / total`` (0-1) of
+each running job that reported a total, read from ``snapshot.running`` at scrape time; a run that
+ended (or never reported a total) has no series, so the series are at most the running jobs.
+
+Loop stalls (``kernel.looplag`` publishes ``LoopStalled``): ``loop_stalls_total``,
+``loop_stall_seconds_total`` (the sum of their lags), and the last one's lag and instant
+(``loop_last_stall_seconds``, ``loop_last_stall_timestamp_seconds``).
+
 Observers know nothing of the dispatcher: this module reads events and a snapshot, nothing else.
 """
 
@@ -49,6 +57,7 @@ from .events import (
     Event,
     JobSubmitted,
     KernelStarted,
+    LoopStalled,
     MisfireDecided,
     RunCancelled,
     RunFailed,
@@ -70,6 +79,7 @@ __all__ = [
     "OVERFLOW_TASK",
     "GpuLike",
     "KernelMetrics",
+    "RunningLike",
     "SnapshotLike",
     "TaskLike",
     "schedule_interval",
@@ -123,6 +133,20 @@ class TaskLike(Protocol):
     def paused(self) -> bool: ...
 
 
+class RunningLike(Protocol):
+    """One running job of a snapshot (``kernel.snapshot.RunningView``), as the progress gauge
+    reads it: ``done``/``total`` are what the action reported with ``ctx.progress``."""
+
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def done(self) -> float | None: ...
+    @property
+    def total(self) -> float | None: ...
+
+
 class SnapshotLike(Protocol):
     """What the scrape-time gauges read (``kernel.app.Snapshot`` satisfies it)."""
 
@@ -137,7 +161,7 @@ class SnapshotLike(Protocol):
     @property
     def queue_depth(self) -> int: ...
     @property
-    def running(self) -> Sequence[object]: ...
+    def running(self) -> Sequence[RunningLike]: ...
     @property
     def tasks(self) -> Sequence[TaskLike]: ...
     @property
@@ -244,6 +268,18 @@ class KernelMetrics:
                                namespace=ns, registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         self.process = ProcessCollector(registry=r)  # process_* (the standard names)
+        self.loop_stalls = Counter(
+            "loop_stalls", "Times the event loop was blocked beyond the stall threshold",
+            namespace=ns, registry=r)
+        self.loop_stall_seconds = Counter(
+            "loop_stall_seconds", "Seconds the event loop was late, summed over the stalls",
+            namespace=ns, registry=r)
+        self.loop_last_stall = Gauge(
+            "loop_last_stall_seconds", "How late the event loop was in its last stall",
+            namespace=ns, registry=r)
+        self.loop_last_stall_at = Gauge(
+            "loop_last_stall_timestamp_seconds",
+            "Wall instant the last loop stall was seen (Unix seconds)", namespace=ns, registry=r)
 
         # scrape-time gauges, filled from a Snapshot by render()
         self.queue_depth = Gauge("queue_depth", "Jobs waiting in the ready queue",
@@ -264,6 +300,12 @@ class KernelMetrics:
             "tasks with a schedule only)", ["task"], namespace=ns, registry=r)
         self._intervals: dict[tuple[str, str], float | None] = {}
         self._interval_labels: set[str] = set()
+        self.run_progress = Gauge(
+            "run_progress_ratio",
+            "Done / total (0-1) that a running job reported (ctx.progress); only runs that "
+            "reported a total, removed when the run ends", ["job_id", "action"],
+            namespace=ns, registry=r)
+        self._progress_labels: set[tuple[str, str]] = set()
 
         gpu = ["gpu"]
         self.gpu_reserved = Gauge("gpu_memory_reserved_bytes",
@@ -328,6 +370,12 @@ class KernelMetrics:
             self.store_failures.labels(event.error_code).inc()
         elif isinstance(event, KernelStarted):
             self.start_time.set(event.at)
+        elif isinstance(event, LoopStalled):
+            lag = max(0.0, event.lag)
+            self.loop_stalls.inc()
+            self.loop_stall_seconds.inc(lag)
+            self.loop_last_stall.set(lag)
+            self.loop_last_stall_at.set(event.at)
 
     def _finished(self, event: RunFinished) -> None:
         run = event.run
@@ -380,6 +428,7 @@ class KernelMetrics:
         self.pending_jobs.set(snapshot.pending_jobs)
         self.tasks.set(len(snapshot.tasks))
         self._update_intervals(snapshot)
+        self._update_progress(snapshot.running)
         for g in snapshot.gpus:
             self.set_gpu(g.index, g.reserved_mb, g.free_mb, g.total_mb)
             if g.utilization_pct is not None:
@@ -404,6 +453,21 @@ class KernelMetrics:
         for gone in self._interval_labels - labels:
             self.task_interval.remove(gone)
         self._interval_labels = labels
+
+    def _update_progress(self, running: Sequence[RunningLike]) -> None:
+        labels: set[tuple[str, str]] = set()
+        for r in running:
+            total = r.total
+            if total is None:
+                continue
+            done = r.done or 0.0
+            ratio = 1.0 if total <= 0 else max(0.0, min(1.0, done / total))
+            key = (r.job_id, r.action)
+            self.run_progress.labels(*key).set(ratio)
+            labels.add(key)
+        for gone in self._progress_labels - labels:
+            self.run_progress.remove(*gone)
+        self._progress_labels = labels
 
     def render(self, snapshot: SnapshotLike | None = None) -> tuple[bytes, str]:
         """The exposition body and its content type (for ``GET /metrics``)."""

@@ -15,8 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from kernel.app import Counters, GpuView, RunningView, Snapshot, SubmitRequest, TaskView
 from kernel.events import (
     ConfigReloaded,
+    EventBus,
     JobSubmitted,
     KernelStarted,
+    LoopStalled,
     MisfireDecided,
     RunCancelled,
     RunFailed,
@@ -379,3 +381,47 @@ def test_no_created_series_but_build_info_and_process_metrics() -> None:
     other = prometheus_client.CollectorRegistry()
     prometheus_client.Counter("other_things", "x", registry=other).inc()
     assert "other_things_created" in prometheus_client.generate_latest(other).decode()
+
+
+# ============================================================================ progress, stalls
+def progress_view(job: str, done: float | None, total: float | None,
+                  action: str = "inference.batch") -> RunningView:
+    return RunningView(job_id=job, task_id="t", action=action, trace_id="ab" * 16, attempt=1,
+                       elapsed=1.0, timeout=None, done=done, total=total,
+                       note="" if done is None else "requests")
+
+
+def test_progress_ratio_of_running_jobs_that_reported_a_total() -> None:
+    m = KernelMetrics()
+    running = (progress_view("j0", 3, 4), progress_view("j1", 5, None),
+               progress_view("j2", None, None, action="log"),
+               progress_view("j3", 30, 20, action="preprocess.prepare"),  # over-reported
+               progress_view("j4", 0, 0))                                  # nothing to do
+    s = scrape(m, dataclasses.replace(snapshot(), running=running))
+    assert val(s, "run_progress_ratio", job_id="j0", action="inference.batch") == 0.75
+    assert val(s, "run_progress_ratio", job_id="j3", action="preprocess.prepare") == 1.0
+    assert val(s, "run_progress_ratio", job_id="j4", action="inference.batch") == 1.0
+    series = {k for k in s if k[0] == P + "run_progress_ratio"}
+    assert len(series) == 3  # no total (j1) or no report (j2): no series
+    # a run that ended loses its series; one that learnt its total gets one
+    running = (progress_view("j1", 6, 12), progress_view("j3", 20, 20, "preprocess.prepare"))
+    s = scrape(m, dataclasses.replace(snapshot(), running=running))
+    assert {dict(k[1])["job_id"]: v for k, v in s.items()
+            if k[0] == P + "run_progress_ratio"} == {"j1": 0.5, "j3": 1.0}
+    s = scrape(m, snapshot(running=0))
+    assert not any(k[0] == P + "run_progress_ratio" for k in s)
+
+
+def test_loop_stalls_are_counted_from_the_bus() -> None:
+    m = KernelMetrics()
+    bus = EventBus()
+    bus.subscribe(m)
+    s = scrape(m)
+    assert val(s, "loop_stalls_total") == 0 and val(s, "loop_stall_seconds_total") == 0
+    bus.publish(LoopStalled(at=T0, lag=1.5, job_ids=("j1",), task_ids=("t",)))
+    bus.publish(LoopStalled(at=T0 + 30, lag=0.75))
+    s = scrape(m)
+    assert val(s, "loop_stalls_total") == 2
+    assert val(s, "loop_stall_seconds_total") == 2.25
+    assert val(s, "loop_last_stall_seconds") == 0.75
+    assert val(s, "loop_last_stall_timestamp_seconds") == T0 + 30
