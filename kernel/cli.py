@@ -273,7 +273,29 @@ def _err(text: str) -> int:
     return EXIT_USAGE
 
 
-def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+STUCK_GRACE = 1.0  # seconds the tasks left after `run` get to end once cancelled again
+
+
+async def _cancel_rest(grace: float) -> int:
+    """Cancel every other task of the loop; how many are still pending after ``grace``."""
+    rest = asyncio.all_tasks() - {asyncio.current_task()}
+    for t in rest:
+        t.cancel()
+    if not rest:
+        return 0
+    _, pending = await asyncio.wait(rest, timeout=grace)
+    return len(pending)
+
+
+def _run_async(coro: Coroutine[Any, Any, int], *, exit_if_stuck: bool = False) -> int:
+    """Run ``coro`` on a fresh loop (uvloop when installed) and close it.
+
+    ``exit_if_stuck`` (``run`` only): a run that ignores its cancellation is abandoned by the
+    kernel, but ``asyncio.Runner.close()`` cancels every remaining task and waits for it forever.
+    So when ``coro`` has returned and tasks are still pending after one more cancel and
+    :data:`STUCK_GRACE`, log one line naming how many, flush the logs and the standard streams,
+    and end the process with ``os._exit`` and ``coro``'s exit status.
+    """
     try:
         import uvloop
 
@@ -281,7 +303,19 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
     except ImportError:
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
+        rc = runner.run(coro)
+        if exit_if_stuck and (stuck := runner.run(_cancel_rest(STUCK_GRACE))):
+            import logging
+
+            logging.getLogger("kernel.cli").error(
+                "%d task(s) still running after the kernel stopped ignored their cancellation "
+                "(runs the kernel abandoned); exiting without waiting for them", stuck)
+            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(rc)
+        return rc
 
 
 # ===================================================================================== commands
@@ -296,7 +330,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     try:
         try:
             return _run_async(serve(found.path, a.tasks, log_format=log_format, tui=a.tui,
-                                    port=a.port, server=not a.no_server, discovered=found))
+                                    port=a.port, server=not a.no_server, discovered=found),
+                              exit_if_stuck=True)
         except BaseExceptionGroup as group:  # a service (the API server) failed to start
             first = _first_kernel_error(group)
             if first is None:

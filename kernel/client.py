@@ -220,15 +220,9 @@ def _when(iso: str | None) -> str:
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .tables import print_table
 
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c, overflow="fold")
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
+    print_table(title, columns, rows)
 
 
 async def _submit(c: Client, a: argparse.Namespace) -> Any:

@@ -18,6 +18,7 @@ import msgspec
 
 from .durations import parse_duration
 from .errors import ConfigError, ConfigIssue
+from .workers import PythonSettings
 
 DEFAULT_CONFIG_NAME = "default_config.toml"
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
@@ -71,9 +72,12 @@ class KernelSection(_Section):
     log_format: str = "auto"   # auto | json | text
     data_dir: str = ""         # default: $KERNEL_DATA_DIR, else $XDG_DATA_HOME/open-autoglm-kernel
     shutdown_grace: float | str = 10.0
+    loop_stall_warn: float | str = "500ms"  # a loop lag above this is logged as a stall
 
     def __post_init__(self) -> None:
-        self._durations("shutdown_grace")
+        self._durations("shutdown_grace", "loop_stall_warn")
+        if float(self.loop_stall_warn) <= 0:
+            raise ValueError("loop_stall_warn: must be more than 0 seconds (e.g. '500ms')")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ValueError("log_level: must be one of debug, info, warning, error")
         if self.log_format not in {"auto", "json", "text"}:
@@ -88,15 +92,24 @@ class ServerSection(_Section):
     write_timeout: float | str = 30.0
     max_body_bytes: int = 1 << 20
     token_env: str = "KERNEL_API_TOKEN"
+    require_token: bool = True  # false: no token on a loopback address (never off loopback)
 
     def __post_init__(self) -> None:
+        from .api.security import is_loopback  # here: kernel.api imports this module
+
         self._durations("read_timeout", "write_timeout")
         if not 0 <= self.port <= 65535:
             raise ValueError("port: must be 0-65535 (0 picks a free port)")
+        if not self.require_token and not is_loopback(self.host):
+            raise ValueError(
+                f"require_token: false is only allowed on a loopback host, not {self.host!r} "
+                "(valid: true, or host = \"127.0.0.1\" / \"::1\" / \"localhost\")")
 
 
 class StoreSection(_Section):
-    backend: str = "sqlite"     # sqlite | memory
+    backend: str = "sqlite"     # sqlite | memory | postgres
+    dsn: str = ""               # postgres: a libpq URI, postgresql://user@host:5432/db
+    schema: str = "kernel"      # postgres: the schema that holds the kernel's tables
     path: str = ""              # default: <data_dir>/kernel.sqlite3
     synchronous: str = "NORMAL"  # NORMAL | FULL
     history_max_rows: int = 100_000
@@ -105,10 +118,34 @@ class StoreSection(_Section):
 
     def __post_init__(self) -> None:
         self._durations("history_max_age", "dedup_ttl")
-        if self.backend not in {"sqlite", "memory"}:
-            raise ValueError("backend: must be 'sqlite' or 'memory'")
+        if self.backend not in {"sqlite", "memory", "postgres"}:
+            raise ValueError("backend: must be 'sqlite', 'memory' or 'postgres'")
+        if self.backend == "postgres" and not self.dsn:
+            raise ValueError(
+                "dsn: required when backend = 'postgres' (a libpq URI such as "
+                "postgresql://kernel@db-host:5432/kernel; passwords may come from ~/.pgpass or "
+                "PGPASSWORD)")
+        if not self.schema:
+            raise ValueError("schema: must be a PostgreSQL schema name such as 'kernel'")
         if self.synchronous.upper() not in {"NORMAL", "FULL", "OFF", "EXTRA"}:
             raise ValueError("synchronous: must be NORMAL, FULL, EXTRA or OFF")
+
+
+class FleetSection(_Section):
+    """``[fleet]``: kernels sharing one PostgreSQL store (``[store] backend = "postgres"``)."""
+
+    heartbeat: float | str = "2s"      # how often each kernel renews its liveness row
+    ttl: float | str = "10s"           # a kernel silent this long is declared dead, its jobs freed
+    claim_horizon: float | str = "2s"  # claim jobs due within this much of now
+    claim_batch: int = 500             # the most jobs one claim takes
+
+    def __post_init__(self) -> None:
+        self._durations("heartbeat", "ttl", "claim_horizon")
+        for name in ("heartbeat", "ttl", "claim_horizon"):
+            if float(getattr(self, name)) <= 0:
+                raise ValueError(f"{name}: must be more than 0 seconds")
+        if self.claim_batch < 1:
+            raise ValueError("claim_batch: must be at least 1")
 
 
 class SchedulerSection(_Section):
@@ -189,6 +226,8 @@ class Config(msgspec.Struct, kw_only=True):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     store: StoreSection = msgspec.field(default_factory=StoreSection)
     scheduler: SchedulerSection = msgspec.field(default_factory=SchedulerSection)
+    fleet: FleetSection = msgspec.field(default_factory=FleetSection)
+    python: PythonSettings = msgspec.field(default_factory=PythonSettings)
     tasks: list[TaskConfig] = msgspec.field(default_factory=list)
     plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     source: str = "<default>"
@@ -222,16 +261,18 @@ def secs(value: float | str | None) -> float | None:
     return None if value is None else float(value)
 
 
-_SECTIONS: dict[str, type[_Section]] = {
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
     "kernel": KernelSection,
     "server": ServerSection,
     "store": StoreSection,
     "scheduler": SchedulerSection,
+    "fleet": FleetSection,
+    "python": PythonSettings,
 }
 
 
 def _convert(
-    raw: dict[str, Any], typ: type[_Section], file: str, where: str, issues: list[ConfigIssue]
+    raw: dict[str, Any], typ: type[msgspec.Struct], file: str, where: str, issues: list[ConfigIssue]
 ) -> Any:
     """Convert ``raw`` into ``typ``; on each error note it, drop the field and try again."""
     data = dict(raw)
@@ -257,10 +298,14 @@ def _convert(
                 dropped.add(field)
                 continue
             m = re.match(r"([a-z_]+): (.*)", msg)
-            if m and m.group(1) in data:
-                issues.append(ConfigIssue(file, f"{where}.{m.group(1)}", m.group(2)))
-                data.pop(m.group(1))
-                dropped.add(m.group(1))
+            if m and (m.group(1) in data or m.group(1) in typ.__struct_fields__):
+                name = m.group(1)  # a __post_init__ check, maybe of a field left at its default
+                if name not in dropped:
+                    issues.append(ConfigIssue(file, f"{where}.{name}", m.group(2)))
+                if name not in data:
+                    return None
+                data.pop(name)
+                dropped.add(name)
                 continue
             if "missing required field" in msg:
                 m = re.search(r"`([^`]+)`", msg)
@@ -273,7 +318,7 @@ def _convert(
     return None
 
 
-def _explain(typ: type[_Section], field: str, text: str) -> str:
+def _explain(typ: type[msgspec.Struct], field: str, text: str) -> str:
     ann = typ.__annotations__.get(field)
     enum_type = {"policy": Policy, "overlap": Overlap, "misfire": Misfire,
                  "gpu_unavailable": GpuUnavailable}.get(field)
@@ -318,7 +363,7 @@ def decode(raw: dict[str, Any], file: str) -> tuple[Config, list[ConfigIssue]]:
         else:
             issues.append(ConfigIssue(
                 file, f"[{key}]",
-                "unknown section (valid: kernel, server, store, scheduler, tasks, plugins)"))
+                f"unknown section (valid: {', '.join(_SECTIONS)}, tasks, plugins)"))
     seen: set[str] = set()
     for t in cfg.tasks:
         if t.id in seen:

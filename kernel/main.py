@@ -8,34 +8,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import functools
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from . import config as config_mod
 from . import logs
 from .api.server import api_service, api_token
 from .app import Kernel, KernelParts
 from .clock import Clock, SystemClock
-from .config import Config
+from .config import Config, secs
 from .discovery import Discovered
-from .errors import ConfigError, KernelError
 from .events import EventBus
+from .gcpolicy import Saved as GcSaved
+from .gcpolicy import restore_gc, tune_gc
 from .hookspecs import PluginContext
+from .looplag import LoopLagSettings, LoopLagWatcher
 from .metrics import KernelMetrics
 from .plugins import PluginSet
 from .plugins import load as load_plugins
+from .reload import ConfigReloader as ConfigReloader  # re-exported (kernel.main.ConfigReloader)
 from .store.base import Store
 from .store.memory import MemoryStore
 from .store.sqlite import SqliteStore
 from .systemd import Notifier, SystemdNotify, watchdog_seconds
 from .tui import run_inprocess
-from .validate import validate
+from .validate import load_checked
 
 Service = Callable[[Kernel], Coroutine[Any, Any, None]]
 
@@ -45,13 +50,20 @@ log = logging.getLogger("kernel.main")
 def make_store(cfg: Config) -> Store:
     if cfg.store.backend == "memory":
         return MemoryStore()
+    if cfg.store.backend == "postgres":
+        from .store.postgres import PostgresStore  # asyncpg is imported only for this backend
+
+        return PostgresStore(cfg.store.dsn, schema=cfg.store.schema)
     path = cfg.store_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteStore(path, synchronous=cfg.store.synchronous.upper())
 
 
 def plugin_set(cfg: Config) -> PluginSet:
-    return load_plugins(PluginContext(settings=cfg.plugins, data_dir=cfg.data_dir()))
+    """The plugins, each given its ``[plugins.<name>]`` table; the built-in ``python`` action
+    gets the top-level ``[python]`` table as ``settings["python"]``."""
+    settings = {**cfg.plugins, "python": msgspec.structs.asdict(cfg.python)}
+    return load_plugins(PluginContext(settings=settings, data_dir=cfg.data_dir()))
 
 
 def build(
@@ -72,26 +84,17 @@ def build(
                   plugins=plugins, bus=bus, parts=parts)
 
 
-def load_checked(config_path: Path | None, tasks_file: Path | None,
-                 plugins: PluginSet | None) -> Config:
-    """Load, decode and validate; raises ConfigError listing every problem."""
-    cfg = config_mod.load(config_path, tasks_file=tasks_file)
-    issues = validate(cfg, plugins)
-    errors = [i for i in issues if i.severity == "error"]
-    for w in issues:
-        if w.severity != "error":
-            log.warning("%s", w)
-    if errors:
-        raise ConfigError(errors)
-    return cfg
-
-
 async def serve(config_path: Path | None, tasks_file: Path | None, *,
                 log_format: str | None = None, tui: bool = False, port: int | None = None,
                 server: bool = True, discovered: Discovered | None = None,
                 notifier: Notifier | None = None) -> int:
     """Run the kernel until SIGINT/SIGTERM. ``config_path`` None is the embedded demo config;
-    ``discovered`` says how the file was chosen (for the banner and the demo warning)."""
+    ``discovered`` says how the file was chosen (for the banner and the demo warning).
+
+    The process is this function's: it installs the signal handlers, enables faulthandler
+    (SIGSEGV/SIGABRT/... dump every thread's stack) and tunes the garbage collector once the
+    kernel has armed its timers (:mod:`kernel.gcpolicy`), restoring it when the kernel stops."""
+    faulthandler.enable()
     plugins = plugin_set(config_mod.load(config_path, tasks_file=tasks_file))
     cfg = load_checked(config_path, tasks_file, plugins)
     if port is not None:
@@ -101,8 +104,6 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
     fmt = logs.setup(cfg.kernel.log_level, log_format or cfg.kernel.log_format)
     if discovered is not None and discovered.is_demo:
         log.warning("%s", discovered.demo_warning())
-    for p in plugins.problems:
-        log.error("plugin %s: %s", p.plugin, p.message)
     metrics = KernelMetrics()
     services: list[Service] = []
     if cfg.server.enabled:
@@ -113,7 +114,16 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
         services.append(reloader.watch)
     if tui:
         services.append(run_inprocess)
+    lag = LoopLagWatcher(LoopLagSettings(threshold=secs(cfg.kernel.loop_stall_warn) or 0.5))
+    services.append(lag.run)
     started = asyncio.Event()
+    gc_saved: list[GcSaved] = []
+
+    async def tune_gc_once_armed(k: Kernel) -> None:
+        await started.wait()  # set once the start-up timers are armed
+        gc_saved.append(tune_gc(len(k.timers)))
+
+    services.append(tune_gc_once_armed)
     notifier = notifier if notifier is not None else Notifier.from_env()
     sd = SystemdNotify(notifier, started, watchdog=watchdog_seconds(),
                        wait_api=cfg.server.enabled)
@@ -139,6 +149,8 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
     try:
         await kernel.run(started=started)
     finally:
+        for saved in gc_saved:
+            restore_gc(*saved)
         notifier.close()
     return 0
 
@@ -158,43 +170,3 @@ def banner(cfg: Config, discovered: Discovered | None, fmt: str) -> None:
     print(f"  store:    {store}", file=sys.stderr)
     print("  stop with Ctrl-C (SIGINT) or SIGTERM; reload the config with SIGHUP", file=sys.stderr)
 
-
-class ConfigReloader:
-    """Hot reload: on SIGHUP or a change of the config file (watchfiles), load and validate the
-    file again and hand the new tasks to the kernel; an invalid file is reported and the old
-    configuration keeps running untouched."""
-
-    def __init__(self, config_path: Path | None, tasks_file: Path | None,
-                 plugins: PluginSet, kernel: Kernel | None = None) -> None:
-        self.config_path = config_path
-        self.tasks_file = tasks_file
-        self.plugins = plugins
-        self.kernel = kernel
-        self._lock = asyncio.Lock()
-        self._watched = {os.path.abspath(p) for p in (config_path, tasks_file) if p is not None}
-
-    async def reload(self, source: str) -> bool:
-        assert self.kernel is not None
-        async with self._lock:
-            try:
-                new = load_checked(self.config_path, self.tasks_file, self.plugins)
-                await self.kernel.reload(new, source)
-            except KernelError as exc:  # invalid file, or the store failed mid-reload
-                self.kernel.report_reload_error(source, exc)
-                return False
-            return True
-
-    async def watch(self, kernel: Kernel) -> None:
-        """A kernel service: reload whenever the config (or the tasks file) changes on disk."""
-        import watchfiles
-
-        if not self._watched:
-            return
-        dirs = {os.path.dirname(n) for n in self._watched}
-        async for changes in watchfiles.awatch(*dirs, debounce=300, step=50,
-                                               recursive=False):
-            if any(c[1] in self._watched for c in changes):  # watchfiles gives absolute paths
-                try:
-                    await self.reload("file change")
-                except Exception:  # never let a reload bug stop the watcher or the kernel
-                    log.exception("config reload after a file change failed")

@@ -1,8 +1,9 @@
 """Semantic checks of a decoded config: schedules, time zones, actions, payloads, dependencies.
 
 Returns every issue found (``ConfigIssue``: file, task, what is wrong and what would be valid);
-``python -m kernel validate`` prints them all and exits 1, the kernel refuses to start with them,
-and a hot reload keeps the old configuration.
+``python -m kernel validate`` prints them all and exits 78 (``EX_CONFIG``), the kernel refuses to
+start with them, and a hot reload keeps the old configuration. Problems met while loading the
+plugins (``PluginSet.problems``) are reported as issues of ``[plugins.<name>]``.
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def validate(cfg: Config, plugins: PluginSet | None,
                 # a disabled task may name a plugin that is not installed yet: warn, do not stop
                 sev = "warning" if missing and not t.enabled else "error"
                 issues.append(ConfigIssue(file, f"{where}.{field}", f"[{exc.code}] {exc}", sev))
+    if plugins is not None:
+        for p in plugins.problems:
+            issues.append(ConfigIssue(file, f"[plugins.{p.plugin}]", str(p)))
+    if "python" in cfg.plugins:
+        issues.append(ConfigIssue(
+            file, "[plugins.python]", "ignored: the python action's settings are the top-level "
+            "[python] table (valid: move these keys to [python])", "warning"))
     cycle = find_cycle(cfg.tasks)
     if cycle and len(cycle) > 2:
         issues.append(ConfigIssue(file, "tasks.after",

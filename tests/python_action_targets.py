@@ -91,3 +91,22 @@ def with_context(ctx: Any = None) -> str:
 
 def env(name: str) -> str | None:
     return os.environ.get(name)
+
+
+async def ignore_cancellation(marker: str) -> None:
+    """Swallows every cancellation and never returns: the kernel can only abandon it."""
+    _mark(marker, str(os.getpid()))
+    while True:
+        try:
+            await asyncio.sleep(1)
+        except asyncio.CancelledError:
+            pass
+
+
+def gc_state(marker: str) -> list[int]:
+    """The collector's thresholds and frozen count as the process running the target sees them."""
+    import gc
+
+    state = [*gc.get_threshold(), gc.get_freeze_count()]
+    _mark(marker, " ".join(map(str, state)))
+    return state

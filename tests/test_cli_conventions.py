@@ -269,8 +269,6 @@ def runs_server() -> Iterator[str]:
         t.join()
 
 
-@pytest.mark.xfail(strict=True, reason="kernel/client.py's _table must call "
-                   "kernel.tables.print_table (requested from the lead; not this file's owner)")
 def test_runs_command_is_one_line_a_row_at_80_columns(
         runs_server: str, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
