@@ -16,7 +16,7 @@ import email.policy
 import logging
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -35,11 +35,30 @@ SPAN_ID = "00f067aa0ba902b7"
 
 
 def make_ctx(*, task_id: str | None = "t", scheduled_at: float | None = 1_767_225_600.0,
-             action: str = "test", trace_id: str = TRACE_ID, attempt: int = 1) -> RunContext:
+             action: str = "test", trace_id: str = TRACE_ID, attempt: int = 1,
+             on_progress: Callable[[float, float | None, str], None] | None = None
+             ) -> RunContext:
     log = logging.LoggerAdapter(logging.getLogger(f"kernel.action.{action}"), {})
     return RunContext(job_id="job-1", task_id=task_id, action=action, trace_id=trace_id,
                       span_id=SPAN_ID, attempt=attempt, scheduled_at=scheduled_at,
-                      timeout=None, log=log)
+                      timeout=None, log=log, on_progress=on_progress)
+
+
+@dataclass
+class ProgressLog:
+    """What an action reported with ``ctx.progress``: pass ``ctx()`` to the action."""
+
+    calls: list[tuple[float, float | None, str]] = field(default_factory=list)
+
+    def __call__(self, done: float, total: float | None, note: str) -> None:
+        self.calls.append((done, total, note))
+
+    def ctx(self, **kw: Any) -> RunContext:
+        return make_ctx(on_progress=self, **kw)
+
+    @property
+    def done(self) -> list[float]:
+        return [c[0] for c in self.calls]
 
 
 @pytest.fixture

@@ -15,12 +15,13 @@ from typing import Any
 
 import msgspec
 import pytest
+from autoglm_inference import batch as batch_mod
 from autoglm_inference.plugin import InferencePlugin
 from autoglm_inference.settings import BatchPayload, Settings
 
 from kernel.errors import ActionError, ErrorCode
 
-from .conftest import make_ctx
+from .conftest import ProgressLog, make_ctx
 from .fake_openai import FakeOpenAI
 
 
@@ -244,3 +245,46 @@ async def test_resume_after_sigkill(fake_openai: FakeOpenAI, tmp_path: Path) -> 
         f"q{i}" for i in range(5, 12)]
     assert "5 from the checkpoint" in report
     assert [r["id"] for r in read_jsonl(out)] == list(range(12))
+
+
+# ---------------------------------------------------------------------------- progress
+async def test_batch_reports_progress_per_request_and_resumes_from_the_checkpoint(
+        fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"q{i}"} for i in range(10)])
+    out = tmp_path / "out.jsonl"
+    plugin = make_plugin(fake_openai)
+    p = payload(input=str(src), output=str(out), concurrency=1)
+    fake_openai.errors = ["context"]      # the first request: an item error, recorded
+    fake_openai.fail_after = 4            # the server goes down after 4 answers
+    first = ProgressLog()
+    with pytest.raises(ActionError):
+        await plugin.batch(first.ctx(), p)
+    assert first.done == [0, 1, 2, 3, 4, 5]   # one report per answered request (10 < 100)
+    assert {c[1] for c in first.calls} == {10}
+    assert first.calls[0][2] == "requests"
+    assert first.calls[-1][2] == "requests, 1 item error(s)"
+
+    fake_openai.fail_after = None
+    again = ProgressLog()
+    await plugin.batch(again.ctx(attempt=2), p)
+    assert again.done == [5, 6, 7, 8, 9, 10]   # starts where the checkpoint left off
+    assert again.calls[0] == (5, 10, "requests, 1 item error(s), 5 from the checkpoint")
+    assert again.calls[-1][:2] == (10, 10)
+
+
+async def test_batch_progress_is_throttled_to_about_a_hundred_reports(tmp_path: Path) -> None:
+    items = [batch_mod.Item(i, str(i), {"n": i}, str(i), {}) for i in range(1000)]
+
+    async def call(it: batch_mod.Item) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        return {"id": it.id}
+
+    seen = ProgressLog()
+    report = await batch_mod.run_batch(
+        items, call, output=tmp_path / "o.jsonl", checkpoint=tmp_path / "o.partial",
+        concurrency=8, progress=seen)
+    assert report.answered == 1000
+    assert seen.calls[0] == (0, 1000, "requests") and seen.calls[-1][:2] == (1000, 1000)
+    assert 100 <= len(seen.calls) <= batch_mod.PROGRESS_STEPS + 2
+    assert seen.done == sorted(seen.done)       # never goes back
+    assert max(b - a for a, b in zip(seen.done, seen.done[1:], strict=False)) <= 10 + 8

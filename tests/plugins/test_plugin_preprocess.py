@@ -20,7 +20,7 @@ from kernel.errors import ActionError, BadPayload, ErrorCode
 from kernel.hookspecs import PluginContext
 from kernel.plugins import load as load_plugins
 
-from .conftest import make_ctx
+from .conftest import ProgressLog, make_ctx
 
 
 def payload(**kw: Any) -> PreparePayload:
@@ -177,3 +177,25 @@ def test_registered_through_the_hook_with_a_checked_payload() -> None:
     bad = load_plugins(PluginContext(settings={"preprocess": {"tokens": "bpe"}}),
                        extra=[("preprocess", preprocess_plugin)], use_entry_points=False)
     assert any("[plugins.preprocess]" in p.message for p in bad.problems)
+
+
+async def test_progress_is_reported_per_file(tmp_path: Path) -> None:
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_text(f"text of {name}\n", "utf-8")
+    seen = ProgressLog()
+    out = tmp_path / "out" / "prepared.jsonl"
+    await PreprocessPlugin(Settings()).prepare(seen.ctx(), payload(
+        inputs=[str(tmp_path / "*.txt")], output=str(out)))
+    assert seen.calls == [(0, 3, "reading a.txt"), (1, 3, "reading b.txt"),
+                          (2, 3, "reading c.txt"), (3, 3, "writing prepared.jsonl")]
+
+
+async def test_progress_over_many_files_is_throttled(tmp_path: Path) -> None:
+    for i in range(450):
+        (tmp_path / f"f{i:03d}.txt").write_text(f"document {i}", "utf-8")
+    seen = ProgressLog()
+    await PreprocessPlugin(Settings()).prepare(seen.ctx(), payload(
+        inputs=[str(tmp_path / "*.txt")], output=str(tmp_path / "out.jsonl")))
+    assert seen.calls[0] == (0, 450, "reading f000.txt")
+    assert seen.calls[-1] == (450, 450, "writing out.jsonl")
+    assert len(seen.calls) <= 102 and seen.done == sorted(seen.done)

@@ -12,6 +12,11 @@ A failure that would hit every request (connection, auth, unknown model, overloa
 batch: requests in flight finish and are checkpointed, and the error is raised so the kernel's
 retry policy can run it again. A failure of one item only (context too long, a bad request) is
 recorded as ``{"id": ..., "error": {"code", "message"}}`` unless ``on_item_error = "fail"``.
+
+Progress: ``progress(done, total, note)`` (the run's ``ctx.progress``) is called when the batch
+starts (``done`` = answers already in the checkpoint), then as answers arrive, at most about
+``PROGRESS_STEPS`` times in all (every answer for a batch of up to that many, else every
+``total / PROGRESS_STEPS``-th (rounded up)), and once when every request has an answer.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import IO, Any
 from kernel.errors import ActionError, ErrorCode
 from kernel.files import atomic_write
 
+PROGRESS_STEPS = 100  # reports of progress in a batch, about
 ITEM_ERRORS = frozenset({ErrorCode.ERR_CONTEXT_TOO_LONG, ErrorCode.ERR_BAD_PAYLOAD})
 CARRIED = ("source", "chunk")  # input fields copied into each answer
 
@@ -179,6 +185,7 @@ async def run_batch(
     concurrency: int,
     on_item_error: str = "record",
     log: Any = None,
+    progress: Callable[[float, float | None, str], None] | None = None,
 ) -> BatchReport:
     """Answer every item not already in the checkpoint with ``call``, ``concurrency`` at a
     time, then write ``output``. Raises the first batch-wide ActionError (see the module)."""
@@ -199,6 +206,23 @@ async def run_batch(
     errors = sum(1 for r in results.values() if "error" in r)
     failure: ActionError | None = None
     pending: Iterator[Item] = iter(todo)
+    step = max(1, -(-len(items) // PROGRESS_STEPS))  # rounded up
+    reported = -step
+
+    def report(*, force: bool = False) -> None:
+        nonlocal reported
+        n = len(results)
+        if progress is None or (n - reported < step and not force):
+            return
+        reported = n
+        note = "requests"
+        if errors:
+            note += f", {errors} item error(s)"
+        if resumed:
+            note += f", {resumed} from the checkpoint"
+        progress(n, len(items), note)
+
+    report(force=True)
 
     async def worker() -> None:
         nonlocal failure, errors
@@ -218,6 +242,7 @@ async def run_batch(
                     return
             await asyncio.to_thread(ckpt.append, it, result)
             results[it.key] = result
+            report()
 
     try:
         async with asyncio.TaskGroup() as tg:
@@ -230,6 +255,8 @@ async def run_batch(
             log.warning("inference.batch stopped after %d of %d (%s); the next run resumes "
                         "from %s", len(results), len(items), failure.code, checkpoint)
         raise failure
+    if reported != len(results):
+        report(force=True)
     await asyncio.to_thread(_write_output, output, items, results)
     await asyncio.to_thread(ckpt.remove)
     return BatchReport(total=len(items), resumed=resumed, answered=len(items) - resumed,

@@ -325,7 +325,7 @@ class InferencePlugin:
 
             report = await batch_mod.run_batch(
                 items, call, output=output, checkpoint=checkpoint, concurrency=workers,
-                on_item_error=p.on_item_error, log=ctx.log)
+                on_item_error=p.on_item_error, log=ctx.log, progress=ctx.progress)
         ctx.log.info("inference.batch: %s", report)
         return str(report)
 

@@ -16,7 +16,13 @@ class PreprocessPlugin:
         self.settings = settings
 
     async def prepare(self, ctx: RunContext, p: PreparePayload) -> str:
-        report = await asyncio.to_thread(prepare, p, self.settings, ctx.scheduled_at)
+        loop = asyncio.get_running_loop()
+
+        def progress(done: float, total: float | None, note: str) -> None:
+            # called in the worker thread: the report is made on the kernel's loop
+            loop.call_soon_threadsafe(ctx.progress, done, total, note)
+
+        report = await asyncio.to_thread(prepare, p, self.settings, ctx.scheduled_at, progress)
         if report.read.skipped:
             ctx.log.warning("preprocess.prepare skipped %d line(s): %s", report.read.skipped,
                             "; ".join(report.read.examples))

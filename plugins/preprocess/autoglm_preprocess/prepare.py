@@ -6,13 +6,17 @@ the first copy of a duplicate wins, ids are content hashes (``<sha256 of the nor
 document, 16 hex>-<chunk number>``), and records are encoded with a fixed key order. The same
 inputs therefore give the same output bytes; when they are already on disk the file is not
 rewritten at all.
+
+Progress is counted in files: ``progress(i, n, "reading <name>")`` before the i-th of ``n``
+files is read (every file when there are up to ``PROGRESS_STEPS``, else every
+``n / PROGRESS_STEPS``-th (rounded up)), then ``progress(n, n, "writing <output name>")``.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +41,8 @@ class Record(msgspec.Struct, frozen=True):
 
 
 _encoder = msgspec.json.Encoder()
+PROGRESS_STEPS = 100  # reports of progress in one run, about
+Progress = Callable[[float, float | None, str], None]
 
 
 @dataclass(slots=True)
@@ -96,8 +102,12 @@ def find_files(patterns: list[str], exclude: Path) -> list[Path]:
     return out
 
 
-def _documents(files: list[Path], p: PreparePayload, stats: ReadStats) -> Iterator[Document]:
-    for path in files:
+def _documents(files: list[Path], p: PreparePayload, stats: ReadStats,
+               progress: Progress | None = None) -> Iterator[Document]:
+    step = max(1, -(-len(files) // PROGRESS_STEPS))  # rounded up
+    for i, path in enumerate(files):
+        if progress is not None and i % step == 0:
+            progress(i, len(files), f"reading {path.name}")
         kind = format_of(path, p.format)
         if kind == "jsonl":
             yield from read_jsonl(path, p.field, p.encoding, stats)
@@ -107,8 +117,9 @@ def _documents(files: list[Path], p: PreparePayload, stats: ReadStats) -> Iterat
             yield from read_text(path, p.split, p.encoding)
 
 
-def build(files: list[Path], p: PreparePayload, s: Settings, report: Report) -> bytes:
-    """The output file's bytes (pure apart from reading ``files``)."""
+def build(files: list[Path], p: PreparePayload, s: Settings, report: Report,
+          progress: Progress | None = None) -> bytes:
+    """The output file's bytes (pure apart from reading ``files`` and telling ``progress``)."""
     size = p.chunk_tokens if p.chunk_tokens is not None else s.chunk_tokens
     overlap = p.overlap_tokens if p.overlap_tokens is not None else s.overlap_tokens
     if overlap >= size:
@@ -117,7 +128,7 @@ def build(files: list[Path], p: PreparePayload, s: Settings, report: Report) -> 
     unit = p.tokens or s.tokens
     seen: set[str] = set()
     out = bytearray()
-    for doc in _documents(files, p, report.read):
+    for doc in _documents(files, p, report.read, progress):
         text = normalise(doc.text)
         if len(text) < max(1, p.min_chars):
             report.empty += 1
@@ -136,8 +147,10 @@ def build(files: list[Path], p: PreparePayload, s: Settings, report: Report) -> 
     return bytes(out)
 
 
-def prepare(p: PreparePayload, s: Settings, scheduled_at: float | None) -> Report:
-    """Run the whole pipeline (synchronous: call it through a thread)."""
+def prepare(p: PreparePayload, s: Settings, scheduled_at: float | None,
+            progress: Progress | None = None) -> Report:
+    """Run the whole pipeline (synchronous: call it through a thread; ``progress`` is called
+    in that thread)."""
     output = Path(resolve(expand_dates(p.output, scheduled_at, p.tz, "output"), s.base_dir))
     patterns = [resolve(expand_dates(x, scheduled_at, p.tz, f"inputs[{i}]"), s.base_dir)
                 for i, x in enumerate(p.inputs)]
@@ -147,7 +160,9 @@ def prepare(p: PreparePayload, s: Settings, scheduled_at: float | None) -> Repor
                           "to write an empty output instead)", code=ErrorCode.ERR_ACTION_FAILED,
                           retryable=False)
     report = Report(files=len(files), output=str(output))
-    data = build(files, p, s, report)
+    data = build(files, p, s, report, progress)
+    if progress is not None:
+        progress(len(files), len(files), f"writing {output.name}")
     try:
         report.changed = output.read_bytes() != data
     except OSError:
