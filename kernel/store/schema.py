@@ -81,8 +81,14 @@ _V1: Final = (
     "CREATE INDEX misfires_task ON misfires (task_id, decided_at)",
 )
 
+_V2: Final = (
+    # GET /jobs/{id} of a finished job (and `runs --job`) read its runs by job id: without this
+    # index that is a scan of the whole run history.
+    "CREATE INDEX runs_job ON runs (job_id)",
+)
+
 #: version -> statements that migrate a database from ``version - 1`` to ``version``.
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _V1}
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _V1, 2: _V2}
 LATEST_VERSION: Final = max(MIGRATIONS)
 
 
