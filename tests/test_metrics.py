@@ -425,3 +425,22 @@ def test_loop_stalls_are_counted_from_the_bus() -> None:
     assert val(s, "loop_stall_seconds_total") == 2.25
     assert val(s, "loop_last_stall_seconds") == 0.75
     assert val(s, "loop_last_stall_timestamp_seconds") == T0 + 30
+
+
+async def test_progress_gauge_of_a_real_running_action() -> None:
+    from .progress_plugin import progress_harness
+
+    h, prog = progress_harness()
+    m = KernelMetrics()
+    h.kernel.bus.subscribe(m)
+    await h.start()
+    res = await h.kernel.submit(SubmitRequest(action="prog", payload={"done": 1, "total": 4}))
+    await h.idle()
+    job_id = res.job.id
+    s = scrape(m, h.kernel.snapshot())
+    assert val(s, "run_progress_ratio", job_id=job_id, action="prog") == 0.25
+    prog.release.set()
+    await h.idle()
+    s = scrape(m, h.kernel.snapshot())
+    assert not any(k[0] == P + "run_progress_ratio" for k in s)   # the run ended
+    await h.stop()

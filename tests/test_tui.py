@@ -719,3 +719,23 @@ async def test_a_refused_token_names_the_token_file() -> None:
     msg = str(err.value)
     assert "HTTP 401" in msg and "--token" in msg and "KERNEL_API_TOKEN" in msg
     assert "api.token" in msg and "KERNEL_DATA_DIR" in msg
+
+
+async def test_progress_reported_by_a_running_action_is_drawn_in_process() -> None:
+    from .progress_plugin import progress_harness
+
+    h, prog = progress_harness()
+    await h.start()
+    await h.kernel.submit(SubmitRequest(action="prog", payload={
+        "done": 30, "total": 40, "note": "requests"}))
+    await h.kernel.submit(SubmitRequest(action="prog", payload={"done": 7, "note": "files"}))
+    await h.idle()
+    assert prog.reported.is_set()
+    con = Console(width=160, height=48, color_system=None, record=True, file=io.StringIO())
+    await tui.run_inprocess(h.kernel, console=con, max_frames=1)
+    lines = con.export_text().splitlines()
+    assert "75% 30/40 requests" in next(line for line in lines if "30/40" in line)
+    assert "━" in next(line for line in lines if "30/40" in line)
+    assert "7 files" in next(line for line in lines if " files" in line)
+    prog.release.set()
+    await h.stop()
