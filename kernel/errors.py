@@ -161,9 +161,11 @@ CATALOGUE: dict[ErrorCode, CatalogueEntry] = {
         _e(C.ERR_CRON_INVALID, "A schedule expression is not valid or can never fire.",
            "Preview it with `python -m kernel cron 'EXPR'`; the message names the field and its "
            "valid range."),
-        _e(C.ERR_PLUGIN_LOAD, "A plugin's entry point failed to import or registered an invalid "
-           "action. The other plugins still load.",
-           "Reinstall the plugin (`pip install -e plugins/NAME`) and read the traceback in the log."),
+        _e(C.ERR_PLUGIN_LOAD, "A plugin's entry point failed to import, rejected its settings or "
+           "registered an invalid action. The other plugins still load, but `validate` reports "
+           "it under `[plugins.NAME]` and the kernel does not start until it is fixed.",
+           "Fix `[plugins.NAME]` as the message says, or reinstall the plugin (`pip install -e "
+           "plugins/NAME`); `python -m kernel plugins` lists the problems."),
         _e(C.ERR_STORE_UNAVAILABLE, "The database could not be opened or written.",
            "Check `[store] path`, its directory's permissions and free space.", True),
         _e(C.ERR_STORE_LOCKED, "Another process holds a lock on the database.",
