@@ -583,15 +583,26 @@ def _rates_line(view: TuiView, state: TuiState | None, width: int, wide: bool) -
     return _line(t, width)
 
 
-def _status_line(state: TuiState, width: int) -> Text | None:
+def _status_lines(state: TuiState, width: int, max_lines: int) -> list[Text]:
+    """The failed poll, wrapped over at most ``max_lines`` lines (a hint such as where the
+    token is must be readable at 80 columns)."""
     if state.error is None:
-        return None
+        return []
     t = Text(f"⚠ {state.error} — retrying", style="bold red")
     if state.failures > 1:
         t.append(f" ({state.failures} tries)")
     if state.last_ok_at is not None:
         t.append(f"; data from {_hms(state.last_ok_at)}Z", style="yellow")
-    return _line(t, width)
+    out: list[Text] = []
+    rest = t
+    while len(rest) > width and len(out) < max_lines - 1:
+        cut = rest.plain.rfind(" ", 0, width + 1)
+        cut = cut if cut > width // 2 else width
+        out.append(rest[:cut])
+        rest = rest[cut:]
+        rest = rest[len(rest.plain) - len(rest.plain.lstrip(" ")):]
+    out.append(_line(rest, width))
+    return out
 
 
 def _stall_line(stall: StallRow | None, now: float, width: int, wide: bool) -> Text | None:
@@ -851,8 +862,8 @@ def render(view: TuiView, width: int, height: int | None = None, *,
     height = max(8, height if height is not None else (48 if wide else 24))
     lines: list[RenderableType] = [_header(view, width, wide),
                                    _rates_line(view, state, width, wide)]
-    if state is not None and (status := _status_line(state, width)) is not None:
-        lines.append(status)
+    if state is not None:
+        lines += _status_lines(state, width, 3 if height >= 24 else 1)
     if (stalled := _stall_line(_last_stall(view, state), view.snapshot.at, width,
                                wide)) is not None:
         lines.append(stalled)
@@ -908,8 +919,7 @@ def render_state(state: TuiState, width: int, height: int | None = None,
         t = Text("Open-AutoGLM Kernel", style="bold cyan")
         t.append(f"  connecting to {source}…" if source else "  waiting for the first snapshot…")
         lines: list[RenderableType] = [_line(t, max(20, width))]
-        if (status := _status_line(state, max(20, width))) is not None:
-            lines.append(status)
+        lines += _status_lines(state, max(20, width), 3)
         lines.append(_line(Text("Ctrl-C to quit", style="dim"), max(20, width)))
         return Group(*lines)
     return render(state.view, width, height, state=state)
@@ -933,11 +943,10 @@ async def _fetch(session: aiohttp.ClientSession, url: str, token: str | None) ->
         async with session.get(url, headers=headers) as resp:
             if resp.status in (401, 403):
                 raise _FetchError(
-                    f"HTTP {resp.status} from {url}: pass --token or set KERNEL_API_TOKEN "
-                    f"({'a wrong token was sent' if token else 'no token was sent'}); on the "
-                    "kernel's machine the token is in <data dir>/api.token (data dir: "
-                    "$KERNEL_DATA_DIR, else ~/.local/share/open-autoglm-kernel), read for a "
-                    "loopback --url only")
+                    f"HTTP {resp.status} from {url}: "
+                    f"{'the token was refused' if token else 'no token sent'}; pass --token or "
+                    "set KERNEL_API_TOKEN (for a loopback URL the token file <data dir>/"
+                    "api.token is read; data dir: $KERNEL_DATA_DIR or the default)")
             if resp.status != 200:
                 raise _FetchError(f"HTTP {resp.status} from {url}")
             body = await resp.read()

@@ -719,6 +719,15 @@ async def test_a_refused_token_names_the_token_file() -> None:
     msg = str(err.value)
     assert "HTTP 401" in msg and "--token" in msg and "KERNEL_API_TOKEN" in msg
     assert "api.token" in msg and "KERNEL_DATA_DIR" in msg
+    # the whole hint is on the screen at 80 columns (the status line wraps, up to 3 lines)
+    for st in (tui.observe_error(tui.TuiState(), msg),
+               tui.observe_error(tui.observe(tui.TuiState(), view_of(canned())), msg)):
+        lines = draw(tui.render_state(st, 80, 24, source="http://h/snapshot"), 80, 24)
+        fits(lines, 80, 24)
+        text = " ".join(line.strip() for line in lines)
+        assert "api.token" in text and "KERNEL_DATA_DIR" in text and "retrying" in text
+    tiny = draw(tui.render_state(st, 40, 12), 40, 12)
+    fits(tiny, 40, 12)
 
 
 async def test_progress_reported_by_a_running_action_is_drawn_in_process() -> None:
