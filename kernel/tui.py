@@ -9,6 +9,10 @@
 * ``render(view, width, height, state=...)`` is pure: same inputs, same picture. It never reads
   the clock ("now" is the snapshot's ``at``) and fits the size it is given: 80x24 gets fewer
   columns and truncated rows, 160x48 gets every column.
+* Running jobs show what their action reported with ``ctx.progress``: a rich progress bar and
+  "45% 9/20" when the total is known, a pulse that moves with the snapshot's instant and a count
+  when it is not, and the note; elapsed/timeout stays in its own column. The last loop stall
+  (``LoopStalled``: when, how long, the runs in flight) is on the status line for 15 minutes.
 * ``run_attached`` polls a kernel's HTTP API; ``run_inprocess`` watches a kernel in the same
   process (``python -m kernel run --tui``); ``add_tui_command`` adds ``python -m kernel tui``.
 
