@@ -133,12 +133,14 @@ class Probe:
         self.sched = array("d")  # scheduled_at of each run (for the cron herd)
         self.target = 0
         self.done = asyncio.Event()
+        self.last = 0.0  # wall clock of the latest run
 
     async def run(self, ctx: RunContext, payload: Any) -> None:
         now = time.time()
         at = ctx.scheduled_at or now
         self.late.append(now - at)
         self.sched.append(at)
+        self.last = now
         if self.target and len(self.late) >= self.target:
             self.done.set()
 
@@ -164,13 +166,22 @@ def make_store(kind: str, workdir: Path) -> Store:
     return SqliteStore(workdir / "kernel.sqlite3")
 
 
+GC_POLICY = True  # --no-gc-policy: leave the collector as Python sets it
+
+
 class Running:
-    """A kernel task started with ``run(started=...)``; ``stop()`` shuts it down in order."""
+    """A kernel task started with ``run(started=...)``; ``stop()`` shuts it down in order.
+
+    Once started, the collector is tuned as ``kernel.main.serve`` tunes it for ``python -m
+    kernel`` (``kernel.gcpolicy.tune_gc``: a higher first threshold, and the start-up heap frozen
+    when it is large), and restored at ``stop()``: the kernel as a library leaves the process's
+    collector alone, the process owner tunes it."""
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.task: asyncio.Task[None] | None = None
         self.start_s = 0.0
+        self._gc_saved: Any = None
 
     async def start(self) -> None:
         started = asyncio.Event()
@@ -182,11 +193,22 @@ class Running:
             waiter.cancel()
             self.task.result()
         self.start_s = time.perf_counter() - t0
+        if GC_POLICY:
+            try:
+                from kernel.gcpolicy import tune_gc
+            except ImportError:  # an older tree: the kernel tuned the collector itself
+                return
+            self._gc_saved = tune_gc(len(self.kernel.timers))
 
     async def stop(self) -> None:
         self.kernel.stop("benchmark over")
         assert self.task is not None
         await self.task
+        if self._gc_saved is not None:
+            from kernel.gcpolicy import restore_gc
+
+            restore_gc(*self._gc_saved)
+            self._gc_saved = None
 
 
 def kernel_with(cfg: Config, store: Store, probe: Probe,
@@ -243,6 +265,16 @@ async def burst(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     lead = a.lead or (5.0 + a.n / (8_000 if a.store == "sqlite" else 20_000))
     due0 = time.time() + lead
     dues = [due0 + rng.random() * a.spread for _ in range(a.n)]
+    last_due = max(dues)
+    all_done = asyncio.Event()
+    finished_at: list[float] = []
+
+    def on_event(_ev: object) -> None:
+        if not all_done.is_set() and k.counters.succeeded >= a.n:
+            finished_at.append(time.time())
+            all_done.set()
+
+    k.bus.subscribe(on_event)
     sub_s = await submit_all(k, dues)
     overran = time.time() > due0
     await asyncio.sleep(max(0.0, due0 - time.time()))
@@ -253,12 +285,22 @@ async def burst(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             await asyncio.wait_for(probe.done.wait(), timeout=a.max_seconds)
         except TimeoutError:
             pass
-    w1 = time.time()
+        w1 = time.time()
+        # "done" = the run's outcome committed (store.finish returned, RunSucceeded published)
+        try:
+            await asyncio.wait_for(all_done.wait(), timeout=30)
+        except TimeoutError:
+            pass
+        w2 = finished_at[0] if finished_at else time.time()
     cpu = cpu_s() - c0
     ran = len(probe.late)
     out = {"n": a.n, "store": a.store, "spread_s": a.spread, "submit_s": round(sub_s, 2),
            "submit_overran_due": overran, "ran": ran,
            "all_started_after_first_due_s": round(w1 - due0, 3) if ran == a.n else None,
+           "last_started_after_last_due_s": (round(probe.last - last_due, 3) if ran == a.n
+                                             else None),
+           "last_done_after_last_due_s": (round(w2 - last_due, 3)
+                                          if k.counters.succeeded >= a.n else None),
            "runs_per_s": round(ran / max(1e-9, w1 - w0)), "cpu_s": round(cpu, 2),
            "cpu_us_per_run": round(cpu / max(ran, 1) * 1e6, 1),
            "lateness": lateness(probe.late), **watch.result()}
@@ -391,8 +433,7 @@ async def durable(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return out
 
 
-async def http(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """The HTTP API on loopback (SqliteStore); a separate client process posts jobs."""
+async def start_http_kernel(workdir: Path) -> tuple[Kernel, Running]:
     from kernel.api.server import api_service
 
     probe = Probe()
@@ -405,25 +446,190 @@ async def http(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if k.api_url:
             break
         await asyncio.sleep(0.05)
-    out: dict[str, Any] = {"url": k.api_url}
-    for mode, n, conc in (("single", a.n, a.concurrency), ("batch", a.n * 5, 4)):
+    return k, r
+
+
+async def run_client(url: str, mode: str, n: int, conc: int, batch: int,
+                     client: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "http_client", "--url", url, "--mode", mode,
+        "--n", str(n), "--concurrency", str(conc), "--batch", str(batch),
+        "--client", client, stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await proc.communicate()
+    res: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    return res
+
+
+async def http(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The HTTP API on loopback (SqliteStore); a separate client process posts jobs.
+
+    ``single``: ``POST /jobs``, one job per request, from ``--concurrency`` connections;
+    ``batch``: ``POST /jobs/batch`` with ``--batch`` jobs per request from 4 connections;
+    ``lone``: ``POST /jobs`` from one connection (the latency of a request on an idle kernel).
+    ``--client lean`` (default) is a minimal keep-alive HTTP/1.1 client on asyncio streams
+    (pre-encoded requests), so that the client process takes little of the machine's cores;
+    ``aiohttp`` is the aiohttp client. After the kernel stops, ``raw_sqlite`` inserts as many
+    job rows as the batch mode acknowledged, in the store's own schema and row format, with
+    plain ``sqlite3`` ``executemany`` (1000 rows per transaction, WAL, NORMAL): the anchor of
+    the batch figure, measured in the same process run."""
+    k, r = await start_http_kernel(workdir)
+    out: dict[str, Any] = {"url": k.api_url, "client": a.client}
+    plan = {"single": (a.n, a.concurrency), "batch": (a.n * 10, 4), "lone": (min(a.n, 3000), 1)}
+    for mode in [m for m in a.modes.split(",") if m]:
+        n, conc = plan[mode]
         c0 = cpu_s()
         t0 = time.perf_counter()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "http_client", "--url", str(k.api_url), "--mode", mode,
-            "--n", str(n), "--concurrency", str(conc), "--batch", str(a.batch),
-            stdout=asyncio.subprocess.PIPE)
-        stdout, _ = await proc.communicate()
+        res = await run_client(str(k.api_url), "batch" if mode == "batch" else "single", n,
+                               conc, a.batch, a.client)
         el = time.perf_counter() - t0
-        res = json.loads(stdout.decode().strip().splitlines()[-1])
         res["kernel_cpu_s"] = round(cpu_s() - c0, 2)
         res["kernel_cpu_share_of_one_core"] = round((cpu_s() - c0) / el, 2)
+        res["kernel_cpu_us_per_job"] = round((cpu_s() - c0) / max(res["acked"], 1) * 1e6, 1)
         out[mode] = res
+    await r.stop()
+    if "batch" in out:
+        out["raw_sqlite"] = raw_sqlite(workdir / "raw.sqlite3", max(out["batch"]["acked"], 1000),
+                                       a.seed)
+        out["batch_over_raw_sqlite"] = round(
+            out["batch"]["acked_per_s"] / out["raw_sqlite"]["rows_per_s"], 3)
+    return out
+
+
+def raw_sqlite(path: Path, n: int, seed: int) -> dict[str, Any]:
+    """``n`` job rows in the store's schema and format, inserted with plain ``sqlite3``
+    ``executemany``, 1000 rows per transaction (WAL, synchronous=NORMAL): what the same rows
+    cost without the kernel, its HTTP API and its group commit. Rows are built before timing."""
+    import sqlite3
+
+    import bench_store
+    import msgspec  # scripts/bench_store.py: jobs like the kernel's, in its row format
+
+    from kernel.store import schema
+
+    con = sqlite3.connect(path, isolation_level=None)
+    con.close()
+    # the jobs the HTTP client posts carry no payload; bench_store's carry 200 characters
+    rows = [schema.job_row(msgspec.structs.replace(j, payload={}, action="noop"))
+            for j in bench_store.make_jobs(n, seed, ids="kernel")]
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.execute("PRAGMA synchronous = NORMAL")
+    for _v, statements in schema.migration_plan(str(path), 0):
+        for sql in statements:
+            con.execute(sql)
+    insert = (f"INSERT INTO jobs ({', '.join(schema.JOB_COLUMNS)}) "
+              f"VALUES ({', '.join('?' * len(schema.JOB_COLUMNS))})")
+    t0 = time.perf_counter()
+    for i in range(0, n, 1000):
+        con.execute("BEGIN")
+        con.executemany(insert, rows[i:i + 1000])
+        con.execute("COMMIT")
+    el = time.perf_counter() - t0
+    con.close()
+    return {"n": n, "rows_per_s": round(n / el), "seconds": round(el, 2),
+            "how": "sqlite3 executemany, 1000 rows/txn, WAL, NORMAL, the store's schema"}
+
+
+async def pending_http(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Kernel RSS per pending one-shot job: N jobs an hour ahead posted to ``POST /jobs/batch``
+    (1000 per request) by a client process, on the SQLite store, as a user would submit them.
+
+    Also what the same jobs would cost held as ``Job`` objects (the timers held a ``Job`` per
+    pending job before they held its msgpack ``bytes``): every held body is decoded into a list
+    of ``Job`` and the RSS growth measured; that replaces the ``bytes`` object."""
+    k, r = await start_http_kernel(workdir)
+    gc.collect()
+    r0 = rss()
+    res = await run_client(str(k.api_url), "batch", a.n, 4, a.batch, a.client)
+    gc.collect()
+    grown = rss() - r0
+    timers: Any = k.timers
+    pending: dict[str, tuple[int, bytes]] = timers._pending
+    held = max(len(pending), 1)
+    mean_body = sum(sys.getsizeof(v[1]) for v in pending.values()) / held
+    out: dict[str, Any] = {"n": a.n, "acked": res["acked"], "acked_per_s": res["acked_per_s"],
+                           "pending_jobs": len(pending),
+                           "bytes_per_job": round(grown / held, 1),
+                           "body_object_bytes": round(mean_body, 1)}
+    import msgspec
+
+    from kernel.records import Job
+
+    dec = msgspec.msgpack.Decoder(Job).decode
+    gc.collect()
+    r1 = rss()
+    as_jobs = [dec(v[1]) for v in pending.values()]
+    gc.collect()
+    job_bytes = (rss() - r1) / max(len(as_jobs), 1)
+    out["job_object_bytes"] = round(job_bytes, 1)
+    out["bytes_per_job_if_held_as_job"] = round(out["bytes_per_job"] - mean_body + job_bytes, 1)
+    del as_jobs
     await r.stop()
     return out
 
 
 async def http_client(a: argparse.Namespace) -> dict[str, Any]:
+    if a.client == "lean":
+        return await lean_client(a)
+    return await http_client_aiohttp(a)
+
+
+async def lean_client(a: argparse.Namespace) -> dict[str, Any]:
+    """Keep-alive HTTP/1.1 over asyncio streams, one request in flight per connection, each
+    request pre-encoded: a client that costs little CPU, so the kernel is what is measured."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(a.url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
+    item = {"action": "noop", "delay": 3600}
+    if a.mode == "single":
+        path, body, per = "/jobs", json.dumps(item).encode(), 1
+    else:
+        path, body, per = "/jobs/batch", json.dumps({"jobs": [item] * a.batch}).encode(), a.batch
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    lat: list[float] = []
+    codes: Counter[int] = Counter()
+    acked = 0
+    left = a.n
+
+    async def conn() -> None:
+        nonlocal left, acked
+        reader, writer = await asyncio.open_connection(host, port)
+        clock = time.perf_counter
+        try:
+            while left > 0:
+                left -= per
+                t = clock()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                i = head.lower().find(b"content-length:")
+                size = int(head[i + 15:head.index(b"\r\n", i)])
+                await reader.readexactly(size)
+                lat.append(clock() - t)
+                codes[status] += 1
+                if status in (200, 201):
+                    acked += per
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    c0 = cpu_s()
+    await asyncio.gather(*(conn() for _ in range(a.concurrency)))
+    el = time.perf_counter() - t0
+    ccpu = cpu_s() - c0
+    lat.sort()
+    return {"mode": a.mode, "acked": acked, "acked_per_s": round(acked / el),
+            "seconds": round(el, 2), "concurrency": a.concurrency,
+            "batch": per, "status": {str(k): v for k, v in codes.items()},
+            "request_ms": {"p50": round((pct(lat, 50) or 0) * 1e3, 2),
+                           "p99": round((pct(lat, 99) or 0) * 1e3, 2)},
+            "client_cpu_s": round(ccpu, 2), "client": "lean"}
+
+
+async def http_client_aiohttp(a: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
     url = a.url.rstrip("/")
@@ -648,8 +854,8 @@ async def tasks_arm(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 SCENARIOS = {
     "kernel_hold": kernel_hold, "burst": burst, "herd": herd, "steady": steady,
-    "durable": durable, "http": http, "recovery": recovery, "e2e": e2e, "cron_arm": cron_arm,
-    "tasks_arm": tasks_arm, "wheel_hold": wheel_hold,
+    "durable": durable, "http": http, "pending_http": pending_http, "recovery": recovery,
+    "e2e": e2e, "cron_arm": cron_arm, "tasks_arm": tasks_arm, "wheel_hold": wheel_hold,
 }
 
 
@@ -670,11 +876,18 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=120.0)
     p.add_argument("--url", default="")
     p.add_argument("--mode", default="single")
+    p.add_argument("--modes", default="single,batch",
+                   help="http: which of single, batch, lone to run, in order")
+    p.add_argument("--client", choices=["lean", "aiohttp"], default="lean")
+    p.add_argument("--no-gc-policy", action="store_true",
+                   help="leave the collector as Python sets it (python -m kernel tunes it)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dir", default=None)
-    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
-                   help="the event loop (the kernel's own entry point uses asyncio's)")
+    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop",
+                   help="the event loop (python -m kernel runs on uvloop when it is installed)")
     a = p.parse_args()
+    global GC_POLICY
+    GC_POLICY = not a.no_gc_policy
     if a.scenario == "http_client":
         print(json.dumps(asyncio.run(http_client(a))))
         return

@@ -301,8 +301,11 @@ class Api:
             raise RequestError(f"the body is larger than [server] max_body_bytes "
                                f"({self.max_body})", status=413)
         try:
-            async with asyncio.timeout(self.read_timeout):
+            if request.content.is_eof():  # all of it arrived already: no wait, no timer
                 raw = await request.read()
+            else:
+                async with asyncio.timeout(self.read_timeout):
+                    raw = await request.read()
         except TimeoutError:
             raise RequestError(f"the body did not arrive within [server] read_timeout "
                                f"({self.read_timeout:g} s)", status=408) from None
