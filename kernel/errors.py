@@ -162,8 +162,9 @@ CATALOGUE: dict[ErrorCode, CatalogueEntry] = {
            "Preview it with `python -m kernel cron 'EXPR'`; the message names the field and its "
            "valid range."),
         _e(C.ERR_PLUGIN_LOAD, "A plugin's entry point failed to import, rejected its settings or "
-           "registered an invalid action. The other plugins still load, but `validate` reports "
-           "it under `[plugins.NAME]` and the kernel does not start until it is fixed.",
+           "registered an invalid action, or implements a hook that does not exist. The other "
+           "plugins still load and the kernel starts; `validate` and the start-up log report it "
+           "under `[plugins.NAME]` (a task using one of its actions is an error).",
            "Fix `[plugins.NAME]` as the message says, or reinstall the plugin (`pip install -e "
            "plugins/NAME`); `python -m kernel plugins` lists the problems."),
         _e(C.ERR_STORE_UNAVAILABLE, "The database could not be opened or written.",

@@ -97,8 +97,10 @@ def validate(cfg: Config, plugins: PluginSet | None,
                 sev = "warning" if missing and not t.enabled else "error"
                 issues.append(ConfigIssue(file, f"{where}.{field}", f"[{exc.code}] {exc}", sev))
     if plugins is not None:
+        # a broken plugin does not stop the others (or the kernel): a task that needs one of
+        # its actions is an error of its own (unknown action), above
         for p in plugins.problems:
-            issues.append(ConfigIssue(file, f"[plugins.{p.plugin}]", str(p)))
+            issues.append(ConfigIssue(file, f"[plugins.{p.plugin}]", str(p), "warning"))
     if "python" in cfg.plugins:
         issues.append(ConfigIssue(
             file, "[plugins.python]", "ignored: the python action's settings are the top-level "

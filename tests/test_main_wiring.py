@@ -148,19 +148,23 @@ def test_validate_reports_plugin_problems() -> None:
     assert ps.problems
     cfg, _ = parse("")
     issues = validate(cfg, ps)
-    assert [(i.where, i.severity) for i in issues] == [("[plugins.broken]", "error")]
+    assert [(i.where, i.severity) for i in issues] == [("[plugins.broken]", "warning")]
     assert issues[0].message == str(ps.problems[0])
     assert "ERR_PLUGIN_LOAD" in issues[0].message
 
 
-def test_load_checked_refuses_plugin_problems(tmp_path: Path) -> None:
+def test_load_checked_logs_plugin_problems_and_starts(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from kernel.validate import load_checked
 
     ps = load_plugins(PluginContext(), extra=[("broken", _Broken())], use_entry_points=False)
     f = tmp_path / "c.toml"
     f.write_text("")
-    with pytest.raises(ConfigError, match=r"\[plugins\.broken\]"):
-        load_checked(f, None, ps)
+    load_checked(f, None, ps)  # the other plugins and the kernel go on
+    assert any("[plugins.broken]" in r.getMessage() for r in caplog.records)
+    f.write_text('[[tasks]]\nid = "t"\naction = "broken_action"\n')
+    with pytest.raises(ConfigError, match="ERR_ACTION_NOT_FOUND"):
+        load_checked(f, None, ps)  # but a task that needs a missing action stops the start
 
 
 # ------------------------------------------------------------------ GC policy
