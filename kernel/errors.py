@@ -46,6 +46,7 @@ class ErrorCode(enum.StrEnum):
     ERR_MODEL_NOT_FOUND = "ERR_MODEL_NOT_FOUND"
     ERR_OVERLOADED = "ERR_OVERLOADED"
     ERR_CONTEXT_TOO_LONG = "ERR_CONTEXT_TOO_LONG"
+    ERR_BAD_RESPONSE = "ERR_BAD_RESPONSE"
     ERR_QUEUE_FULL = "ERR_QUEUE_FULL"
     ERR_GPU_UNAVAILABLE = "ERR_GPU_UNAVAILABLE"
     ERR_DEPENDENCY_FAILED = "ERR_DEPENDENCY_FAILED"
@@ -136,6 +137,12 @@ CATALOGUE: dict[ErrorCode, CatalogueEntry] = {
            True),
         _e(C.ERR_CONTEXT_TOO_LONG, "The prompt is longer than the model's context window.",
            "Shorten the input (preprocess `chunk_tokens`) or lower `max_tokens`."),
+        _e(C.ERR_BAD_RESPONSE, "The model server sent an answer the plugin cannot read: a body "
+           "that is not the expected JSON (retried), or a streamed (SSE) line longer than "
+           "`[plugins.inference] sse_max_line_bytes`, 8 MiB by default (not retried: the same "
+           "request gets the same line). The message names the endpoint and the limit.",
+           "Check that `base_url` points at an OpenAI-compatible server; for a long line raise "
+           "`sse_max_line_bytes` or set `stream = false`."),
         _e(C.ERR_QUEUE_FULL, "The ready queue holds `[scheduler] queue_depth` jobs; the submission "
            "was refused and nothing was stored.",
            "Retry later, raise `queue_depth`, or raise `max_concurrency`.", True),
