@@ -11,7 +11,8 @@ chunks ending in ``data: [DONE]`` when the body says ``stream: true``), ``POST /
 Error modes, consumed one per chat/embeddings request from ``errors`` (a list of names):
 ``"401"``, ``"404"`` (model not found), ``"429"`` (with ``Retry-After: retry_after``),
 ``"503"``, ``"500"``, ``"context"`` (400 ``context_length_exceeded``), ``"hang"`` (never answers
-until the server closes: the client's timeout fires), ``"stream_error"`` (an SSE error event).
+until the server closes: the client's timeout fires), ``"stream_error"`` (an SSE error event),
+``"not_json"`` (200 with an HTML body).
 ``fail_after = N`` makes every chat/embeddings request after the first N successful ones answer
 503 (a server that falls over half-way through a batch); ``hang_after = N`` makes them hang
 instead. ``hold``, when set to an ``asyncio.Event``, keeps every chat request waiting until it
@@ -19,7 +20,9 @@ is set; ``in_flight``/``max_in_flight`` count concurrent chat requests. ``api_ke
 ``Authorization: Bearer <api_key>`` get 401. ``models_error = (status, message, code)`` makes
 ``GET /v1/models`` answer that error (e.g. LiteLLM's 400 ``no_db_connection`` for a key it does
 not know when it has no database). Each request records ``peer``, the client's ``(host, port)``:
-requests over one kept-alive connection share it.
+requests over one kept-alive connection share it. ``sse_line_bytes = N`` makes a streamed reply
+carry its whole text in ONE ``data:`` line of exactly N bytes (the text is padded with ``x``),
+as a server that does not stream incrementally would, to test the client's line limit.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class FakeOpenAI:
     retry_after: str = "7"
     has_models_route: bool = True
     models_error: tuple[int, str, str] | None = None
+    sse_line_bytes: int | None = None
     requests: list[Recorded] = field(default_factory=list)
     answered: int = 0
     base_url: str = ""
@@ -166,6 +170,9 @@ class FakeOpenAI:
         if mode == "hang":
             await self._closing.wait()
             return _error(503, "closing", "closing")
+        if mode == "not_json":
+            return web.Response(status=200, text="<html>502 proxy says hello</html>",
+                                content_type="text/html")
         if mode == "stream_error":
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
@@ -204,6 +211,11 @@ class FakeOpenAI:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        if self.sse_line_bytes is not None:
+            await resp.write(_one_line_event(model, text, self.sse_line_bytes))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
         words = text.split(" ")
         chunks = [{"role": "assistant"}] + [
             {"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
@@ -231,6 +243,23 @@ class FakeOpenAI:
                 for i, t in enumerate(inputs)]
         return web.json_response({"object": "list", "model": body["model"], "data": data[::-1],
                                   "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+
+def _one_line_event(model: str, text: str, size: int) -> bytes:
+    """One ``data:`` line of exactly ``size`` bytes (newline excluded) carrying ``text`` padded
+    with ``x`` up to the size, then the blank line that ends the event."""
+    def line(content: str) -> bytes:
+        event = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "model": model,
+                 "choices": [{"index": 0, "delta": {"content": content},
+                              "finish_reason": "stop"}]}
+        return f"data: {json.dumps(event)}".encode()
+
+    pad = size - len(line(text))
+    if pad < 0:
+        raise ValueError(f"sse_line_bytes {size} is shorter than the event itself")
+    out = line(text + "x" * pad)
+    assert len(out) == size
+    return out + b"\n\n"
 
 
 def _error(status: int, message: str, code: str,

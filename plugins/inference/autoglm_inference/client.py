@@ -14,8 +14,18 @@ HTTP 429 / 503 (``Retry-After`` honoured)           ERR_OVERLOADED             y
 HTTP 400/413/422 saying the context is too long     ERR_CONTEXT_TOO_LONG       no
 other 4xx                                           ERR_BAD_PAYLOAD            no
 HTTP 502 / 504                                      ERR_CONN_TIMEOUT           yes
-other 5xx, or a reply that is not the expected JSON ERR_ACTION_FAILED          yes
+other 5xx                                           ERR_ACTION_FAILED          yes
+a reply that is not the expected JSON               ERR_BAD_RESPONSE           yes
+an SSE line longer than ``sse_max_line_bytes``      ERR_BAD_RESPONSE           no
 ==================================================  =========================  =========
+
+Streamed answers (SSE) are split into lines here, not by aiohttp's ``readline``: that one gives
+up at twice the session's ``read_bufsize`` (128 KiB by default) with ``LineTooLong``, which is no
+``ClientError`` and escaped uncoded. A server that does not stream incrementally sends the whole
+completion in one ``data:`` line, so the limit is the endpoint's ``sse_max_line_bytes`` (8 MiB by
+default): a line up to it is read whole, a longer one is ERR_BAD_RESPONSE naming the endpoint and
+the limit, and is not retried (the same request would get the same line). Each request in flight
+holds at most one such line in memory.
 
 The health check is a ``GET`` without a body: the only things of the user's in it are the
 endpoint and the API key, so a 4xx there (other than 404, 429) cannot be the payload's fault.
@@ -44,6 +54,7 @@ import aiohttp
 from kernel.errors import ActionError, ErrorCode, Retry
 
 _BODY_MAX = 500
+DEFAULT_SSE_MAX_LINE = 8 * 1024 * 1024  # bytes in one SSE line (one streamed event)
 
 
 class Overloaded(Retry):
@@ -61,6 +72,7 @@ class Endpoint:
     timeout: float = 120.0
     connect_timeout: float = 10.0
     headers: Mapping[str, str] = field(default_factory=dict)
+    sse_max_line: int = DEFAULT_SSE_MAX_LINE
 
     def url(self, path: str) -> str:
         return self.base_url.rstrip("/") + path
@@ -196,8 +208,39 @@ async def _transport_errors(where: str) -> AsyncIterator[None]:
 
 
 def _bad_reply(where: str, detail: str) -> ActionError:
-    return ActionError(f"{where}: unexpected reply: {detail}", code=ErrorCode.ERR_ACTION_FAILED,
+    return ActionError(f"{where}: unexpected reply: {detail}", code=ErrorCode.ERR_BAD_RESPONSE,
                        retryable=True)
+
+
+def _line_too_long(where: str, limit: int) -> ActionError:
+    return ActionError(
+        f"{where}: the streamed answer (SSE) has a line longer than {limit} bytes, the limit "
+        "set by `sse_max_line_bytes` in [plugins.inference]: raise it, or set stream = false",
+        code=ErrorCode.ERR_BAD_RESPONSE, retryable=False)
+
+
+async def sse_lines(content: aiohttp.StreamReader, limit: int,
+                    where: str) -> AsyncIterator[bytes]:
+    """The lines of an SSE body without their ``\n``, each at most ``limit`` bytes; a longer
+    one raises ERR_BAD_RESPONSE as soon as the limit is passed (not when the line ends)."""
+    buf = bytearray()
+    async for chunk in content.iter_any():
+        start = 0
+        while (nl := chunk.find(b"\n", start)) != -1:
+            if len(buf) + nl - start > limit:
+                raise _line_too_long(where, limit)
+            if buf:
+                buf += chunk[start:nl]
+                yield bytes(buf)
+                buf.clear()
+            else:
+                yield chunk[start:nl]
+            start = nl + 1
+        if len(buf) + len(chunk) - start > limit:
+            raise _line_too_long(where, limit)
+        buf += chunk[start:]
+    if buf:
+        yield bytes(buf)
 
 
 class OpenAIClient:
@@ -260,7 +303,7 @@ class OpenAIClient:
                 raise map_status(resp.status, await resp.text(errors="replace"),
                                  resp.headers, where)
             if stream:
-                return await _read_sse(resp, where)
+                return await _read_sse(resp, where, self.endpoint.sse_max_line)
             try:
                 obj = await resp.json(content_type=None)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -300,14 +343,14 @@ def _chat_result(obj: Any, where: str) -> ChatResult:
                       model=obj.get("model"), usage=obj.get("usage"))
 
 
-async def _read_sse(resp: aiohttp.ClientResponse, where: str) -> ChatResult:
+async def _read_sse(resp: aiohttp.ClientResponse, where: str, limit: int) -> ChatResult:
     """Assemble ``choices[0].delta.content`` from ``data:`` lines until ``data: [DONE]``."""
     parts: list[str] = []
     finish: str | None = None
     model: str | None = None
     usage: dict[str, Any] | None = None
     done = False
-    async for raw in resp.content:
+    async for raw in sse_lines(resp.content, limit, where):
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data:"):
             continue  # blank separators, comments (":"), event/id fields

@@ -126,7 +126,8 @@ class InferencePlugin:
             api_key=os.environ.get(env) if env else None,
             timeout=seconds(p.timeout, seconds(s.timeout, 120.0)),
             connect_timeout=seconds(s.connect_timeout, 10.0),
-            headers=dict(s.headers))
+            headers=dict(s.headers),
+            sse_max_line=s.sse_max_line_bytes)
 
     def client(self, session: aiohttp.ClientSession, ep: Endpoint,
                ctx: RunContext) -> OpenAIClient:

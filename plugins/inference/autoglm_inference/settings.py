@@ -14,6 +14,8 @@ import msgspec
 
 from kernel.settings import check_tz, duration, load_settings
 
+from .client import DEFAULT_SSE_MAX_LINE
+
 DEFAULT_BASE_URL = "http://localhost:8000/v1"
 
 
@@ -36,6 +38,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     health_check: bool = True         # GET {base_url}/models (or /health) once per endpoint
     endpoint_concurrency: int = 4     # requests in flight per base_url, across all runs
     batch_concurrency: int = 4        # workers of one inference.batch run
+    sse_max_line_bytes: int = DEFAULT_SSE_MAX_LINE  # longest line of a streamed answer (8 MiB)
     base_dir: str = ""                # relative paths are taken from here ("" = working dir)
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     extra_body: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -47,6 +50,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("endpoint_concurrency: must be at least 1")
         if self.batch_concurrency < 1:
             raise ValueError("batch_concurrency: must be at least 1")
+        if self.sse_max_line_bytes < 1024:
+            raise ValueError("sse_max_line_bytes: must be at least 1024 (bytes in one line of "
+                             f"a streamed answer; the default is {DEFAULT_SSE_MAX_LINE})")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url: must start with http:// or https://")
 
