@@ -370,3 +370,66 @@ async def test_progress_reported_by_an_action_is_in_the_snapshot() -> None:
     assert (run.done, run.total, run.note) == (3.0, 10.0, "batch 3 of 10")
     plugin.go.set()
     await h.stop()
+
+
+async def test_metrics_snapshot_and_tui_agree_on_a_mixed_workload() -> None:
+    """The issue's probe: cron, one-shot, retry, dependent and skipped runs; then the kernel's
+    counters, the Prometheus exposition and the TUI's totals show the same numbers."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from kernel import tui
+    from kernel.metrics import KernelMetrics
+
+    h = make_harness("""
+        [scheduler]
+        max_concurrency = 1
+        [[tasks]]
+        id = "cron"
+        schedule = "@every 5s"
+        action = "rec"
+        [[tasks]]
+        id = "flaky"
+        schedule = "@every 20s"
+        action = "rec"
+        payload = { mode = "conn" }
+        retry = { max_attempts = 2, initial_delay = "1s" }
+        [[tasks]]
+        id = "child"
+        action = "rec"
+        after = ["cron"]
+        [[tasks]]
+        id = "orphan"
+        action = "rec"
+        after = ["flaky"]
+        """)
+    metrics = KernelMetrics()
+    h.kernel.bus.subscribe(metrics)
+    await h.start()
+    await h.kernel.submit(SubmitRequest(action="rec", delay=3))
+    await h.kernel.submit(SubmitRequest(action="rec", payload={"mode": "sleep", "seconds": 9}))
+    await h.advance(45)
+    snap = h.kernel.snapshot()
+    c = snap.counters
+    assert c.skipped >= 1 and c.failed >= 1 and c.succeeded >= 5  # a mixed workload indeed
+    text = metrics.render(snap)[0].decode()
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(
+            rf"^autoglm_kernel_{name}_total(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+    assert total("jobs_submitted") == c.submitted
+    assert total("runs_started") == c.started
+    assert total("runs_succeeded") == c.succeeded
+    assert total("runs_failed") == c.failed
+    assert total("runs_skipped") == c.skipped
+    assert total("runs_cancelled") == c.cancelled
+    view = tui.view_from_snapshot(snap)
+    con = Console(width=160, height=48, color_system=None, record=True, file=io.StringIO())
+    con.print(tui.render(view, 160, 48))
+    drawn = con.export_text()
+    assert f"total ok {c.succeeded} fail {c.failed} " in drawn
+    assert f"skip {c.skipped} cancel {c.cancelled}" in drawn and f"submitted {c.submitted}" in drawn
+    await h.stop()
