@@ -65,13 +65,17 @@ async def test_file_watcher_reloads_on_edit(tmp_path: Path) -> None:
     await h.start()
     watcher = asyncio.create_task(reloader.watch(h.kernel))
     try:
-        await asyncio.sleep(0.05)  # let the watcher subscribe before the edit
-        cfg.write_text(BASE + '\n[[tasks]]\nid = "d"\nschedule = "@every 5s"\naction = "rec"\n')
+        # the watcher may still be subscribing: the edit is written again until it has been
+        # seen once (a condition polled with a bound, no fixed wait for the subscription)
         loop = asyncio.get_running_loop()
         end = loop.time() + 15
+        n = 0
         while not any(isinstance(e, ConfigReloaded) for e in h.events):
             assert loop.time() < end, "the watcher did not reload within 15 s"
-            await asyncio.sleep(0.05)
+            n += 1
+            cfg.write_text(BASE + f'\n[[tasks]]\nid = "d"\nschedule = "@every {n}s"\n'
+                           'action = "rec"\n')
+            await asyncio.sleep(0.1)
         ev = next(e for e in h.events if isinstance(e, ConfigReloaded))
         assert ev.added == ["d"] and ev.source == "file change"
     finally:
