@@ -170,7 +170,7 @@ def run_peers(peers_dir: Path, python: str) -> dict[str, Any]:
     if cp.returncode:
         return {"bench": "peers", "error": cp.stderr.strip().splitlines()[-1:],
                 "hint": "pass --peers-python with croniter, cronsim and apscheduler 3.11"}
-    line = json.loads(cp.stdout.strip().splitlines()[-1])
+    line: dict[str, Any] = json.loads(cp.stdout.strip().splitlines()[-1])
     line["bench"] = "peers"
     line["script"] = str(script)
     return line

@@ -544,21 +544,26 @@ async def pending_http(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     gc.collect()
     grown = rss() - r0
     timers: Any = k.timers
-    pending: dict[str, tuple[int, bytes]] = timers._pending
+    pending: dict[str, Any] = timers._pending
     held = max(len(pending), 1)
-    mean_body = sum(sys.getsizeof(v[1]) for v in pending.values()) / held
+    mean_body = sum(sys.getsizeof(v) for v in pending.values()) / held
     out: dict[str, Any] = {"n": a.n, "acked": res["acked"], "acked_per_s": res["acked_per_s"],
                            "pending_jobs": len(pending),
                            "bytes_per_job": round(grown / held, 1),
-                           "body_object_bytes": round(mean_body, 1)}
-    import msgspec
+                           "held_bytes_object": round(mean_body, 1)}
+    from kernel import timers as timers_mod
 
-    from kernel.records import Job
+    unpack: Any = getattr(timers_mod, "unpack", None)
+    if unpack is None:  # an older tree: (handle, map-encoded body) tuples
+        import msgspec
 
-    dec = msgspec.msgpack.Decoder(Job).decode
+        from kernel.records import Job
+
+        dec = msgspec.msgpack.Decoder(Job).decode
+        unpack = lambda v: dec(v[1])  # noqa: E731
     gc.collect()
     r1 = rss()
-    as_jobs = [dec(v[1]) for v in pending.values()]
+    as_jobs = [unpack(v) for v in pending.values()]
     gc.collect()
     job_bytes = (rss() - r1) / max(len(as_jobs), 1)
     out["job_object_bytes"] = round(job_bytes, 1)

@@ -99,3 +99,30 @@ async def test_wait_wakes_for_an_earlier_timer_armed_while_sleeping() -> None:
     t.arm_job(job("soon", T0 + 1))  # earlier than what it sleeps until: wakes it
     await settle()
     assert waiter.done()
+
+
+def test_a_pending_job_comes_back_equal_to_what_was_armed() -> None:
+    """Held as one bytes (its field values), a job keeps every field: enums, payload, GPU."""
+    from kernel.records import JobKind, JobState
+
+    clock = FakeClock()
+    t = Timers(clock)
+    armed = job("x", T0 + 30, task_id="t", kind=JobKind.RETRY, scheduled_at=T0 + 29,
+                priority=-2, timeout=1.5, attempt=3, dedup_key="k", dedup_expires_at=T0 + 99,
+                trace_id="ab" * 16, parent_span_id="cd" * 8, created_at=T0,
+                state=JobState.PENDING, recovered=True, gpu_memory_mb=512, gpu=1)
+    t.arm_job(armed)
+    assert t.peek_job("x") == armed
+    assert t.take_job("x") == armed and len(t) == 0
+
+
+async def test_a_job_due_before_the_wheel_started_is_held_and_comes_due() -> None:
+    """A due instant before the wheel's start (a recovered job long overdue): held with its
+    handle, cancellable, and due at once."""
+    clock = FakeClock()
+    t = Timers(clock)
+    t.arm_job(job("old", T0 - 3600))
+    t.arm_job(job("old2", T0 - 7200))
+    assert t.take_job("old2") is not None and len(t) == 1
+    await clock.advance(0.01)
+    assert [j.id for j in t.expire().jobs] == ["old"]
