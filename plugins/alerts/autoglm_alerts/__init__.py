@@ -10,6 +10,7 @@ from .channels import EmailChannel, Outgoing, WebhookChannel, sign
 from .plugin import AlertsPlugin, AlertSubscriber
 from .rules import Alert, Engine, RateLimiter
 from .settings import SendPayload, Settings
+from .signing import WebhookVerificationError, verify
 
 __all__ = [
     "Alert",
@@ -22,5 +23,7 @@ __all__ = [
     "SendPayload",
     "Settings",
     "WebhookChannel",
+    "WebhookVerificationError",
     "sign",
+    "verify",
 ]

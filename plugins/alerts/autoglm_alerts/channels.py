@@ -4,9 +4,13 @@
 ``security = "none" | "starttls" | "ssl"``, optional login with the password read from the
 environment variable named by ``password_env`` when a message is sent.
 
-**Webhook** POSTs JSON with aiohttp. With ``secret_env`` set, the header
-``X-Kernel-Signature: sha256=<hex>`` carries the HMAC-SHA256 of the exact body bytes under that
-secret. Connection errors, timeouts, 429 and 5xx are retried with exponential backoff
+**Webhook** POSTs JSON with aiohttp, with the Standard Webhooks headers (``signing``):
+``webhook-id`` (one per message, kept on retries), ``webhook-timestamp`` (this attempt's Unix
+seconds) and, with ``secret_env`` set, ``webhook-signature: v1,<base64>``, the HMAC-SHA256 of
+``<id>.<timestamp>.<body>``, so a receiver can reject replays (:func:`~.signing.verify`).
+The older ``X-Kernel-Signature: sha256=<hex>`` (``signature_header``, the HMAC of the body
+alone, replayable) is still sent for receivers that check it; ``signature_header = ""`` drops
+it. Connection errors, timeouts, 429 and 5xx are retried with exponential backoff
 (``backoff``, doubled each time up to ``max_backoff``; ``Retry-After`` honoured within that cap)
 for at most ``attempts`` tries; other 4xx answers are not retried.
 
@@ -33,11 +37,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from kernel.clock import SystemClock
 from kernel.errors import ActionError, ErrorCode
 
 from .settings import EmailSettings, WebhookSettings, seconds
+from .signing import WebhookVerificationError, new_message_id, signed_headers
 
 Sleep = Callable[[float], Awaitable[None]]
+Wall = Callable[[], float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +135,7 @@ class EmailChannel:
 
 # ----------------------------------------------------------------------------------- webhook
 def sign(secret: bytes, body: bytes) -> str:
+    """The legacy ``X-Kernel-Signature`` value: the HMAC of the body alone (replayable)."""
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
@@ -141,16 +149,22 @@ class WebhookChannel:
     name = "webhook"
 
     def __init__(self, cfg: WebhookSettings, session: aiohttp.ClientSession,
-                 *, sleep: Sleep = asyncio.sleep) -> None:
+                 *, sleep: Sleep = asyncio.sleep, wall: Wall | None = None) -> None:
         self.cfg = cfg
         self.session = session
         self.sleep = sleep
+        self.wall = wall or SystemClock().wall
         self.where = f"webhook {urlsplit(cfg.url).netloc}"
 
-    def headers(self, body: bytes) -> dict[str, str]:
+    def headers(self, body: bytes, msg_id: str, secret: str | None) -> dict[str, str]:
+        """One attempt's headers, signed now (a retry gets a fresh timestamp, the same id)."""
         h = {"Content-Type": "application/json", **self.cfg.headers}
-        secret = os.environ.get(self.cfg.secret_env) if self.cfg.secret_env else None
-        if secret:
+        try:
+            h.update(signed_headers(secret, msg_id, int(self.wall()), body))
+        except WebhookVerificationError as exc:
+            raise ActionError(f"{self.where}: the secret in ${self.cfg.secret_env}: {exc}",
+                              code=ErrorCode.ERR_ACTION_FAILED, retryable=False) from None
+        if secret and self.cfg.signature_header:
             h[self.cfg.signature_header] = sign(secret.encode(), body)
         return h
 
@@ -177,11 +191,12 @@ class WebhookChannel:
 
     async def send(self, msg: Outgoing, *, to: Sequence[str] | None = None) -> str:
         body = webhook_body(msg)
-        headers = self.headers(body)
+        msg_id = new_message_id()
+        secret = os.environ.get(self.cfg.secret_env) if self.cfg.secret_env else None
         delay = seconds(self.cfg.backoff)
         cap = seconds(self.cfg.max_backoff)
         for attempt in range(1, self.cfg.attempts + 1):
-            err, asked = await self._attempt(body, headers)
+            err, asked = await self._attempt(body, self.headers(body, msg_id, secret))
             if err is None:
                 return f"webhook ({attempt} attempt(s))"
             if not err.retryable or attempt == self.cfg.attempts:
