@@ -382,6 +382,67 @@ def test_dead_mans_switch_rule_fires_for_tasks_that_stopped_succeeding(
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+# ============================================================================ loop stalls
+def _stall_alert(instance: str) -> dict[str, Any]:
+    return {
+        "exp_labels": {"severity": "warning", "instance": instance,
+                       "job": "open-autoglm-kernel"},
+        "exp_annotations": {
+            "summary": f"The event loop of the kernel on {instance} keeps stalling "
+                       "(more than 3 stalls in 10 min)",
+            "description": (
+                "Something blocked the kernel's event loop for longer than [kernel] "
+                "loop_stall_warn more than 3 times in 10 minutes: timers fire late and the API "
+                "answers slowly. Each stall is logged as a warning (\"the event loop stalled "
+                "...\") naming the runs in flight; autoglm_kernel_loop_last_stall_seconds is "
+                "the last one's lag. Run blocking code as a `python` action (a worker process) "
+                "or in a thread, never directly in a coroutine."),
+        },
+    }
+
+
+@pytest.mark.slow
+def test_loop_stall_rule_fires_on_more_than_3_stalls_in_10_minutes(
+        promtool_bin: str, tmp_path: Path) -> None:
+    """A minute per sample; increase() extrapolates over the window, which the rule allows for
+    (3 stalls never fire, 5 in a burst do, a restart's counter reset is not a stall)."""
+    def stalls(instance: str, values: str) -> dict[str, str]:
+        return {"series": f'autoglm_kernel_loop_stalls_total{{instance="{instance}",'
+                          f'job="open-autoglm-kernel"}}', "values": values}
+
+    spec = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                stalls("steady:1", "0x40"),
+                stalls("three:1", "0 0 1 1 2 2 3x34"),             # 3 within 10 min: no
+                stalls("burst:1", "0x10 1 2 3 4 5 5x25"),          # 5 in 5 min: yes, then no
+                stalls("restart:1", "50x5 0 1 1x33"),              # counter reset + 1 stall
+            ],
+            "alert_rule_test": [
+                {"eval_time": "9m", "alertname": "KernelLoopStalls", "exp_alerts": []},
+                {"eval_time": "15m", "alertname": "KernelLoopStalls",
+                 "exp_alerts": [_stall_alert("burst:1")]},
+                {"eval_time": "30m", "alertname": "KernelLoopStalls", "exp_alerts": []},
+            ],
+        }, {
+            # 45 s scrapes, a counter already past 0: increase() reads 3 stalls as up to 3.35
+            "interval": "45s",
+            "input_series": [stalls("three:1", "7x5 8 9 10 10x30")],
+            "alert_rule_test": [
+                {"eval_time": t, "alertname": "KernelLoopStalls", "exp_alerts": []}
+                for t in ("6m", "8m", "10m", "12m")],
+        }],
+    }
+    test_file = tmp_path / "loop_stalls_test.yml"
+    test_file.write_text(yaml.safe_dump(spec))
+    done = subprocess.run([promtool_bin, "test", "rules", str(test_file)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 # ============================================================================ systemd unit
 def _unit() -> dict[str, list[str]]:
     values: dict[str, list[str]] = {}
