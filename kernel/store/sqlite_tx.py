@@ -222,13 +222,13 @@ def prepare(con: Con, where: str, read_only: bool) -> int:
 def apply_batch(con: Con, batch: Sequence[Op]) -> None:
     """Apply ``batch`` in one transaction, in order; raise (rolled back) if anything fails.
 
-    Consecutive operations of one kind are applied together (one ``executemany`` per
-    statement). Between two other operations, every ``MarkRunning`` goes before every ``Finish``:
+    Consecutive operations of one kind are applied together. Between two other operations, every ``MarkRunning`` goes before every ``Finish``:
     they commute there, since a job's ``MarkRunning`` is committed before its action starts,
     hence before its ``Finish`` is queued, and a ``Finish`` without follow-ups touches no other
     job's row. A ``Finish`` with follow-ups (retries, dependents) ends such a stretch: the
     marks queued after it go after its inserts, as queued. A loop turn that starts and ends
-    hundreds of runs then costs two ``executemany`` calls, not hundreds of small ones.
+    hundreds of runs then costs a few multi-row statements (up to 256 rows each: one
+    ``sqlite3_step``, one GIL hand-off), not hundreds of alternating small ones.
     """
     con.execute("BEGIN IMMEDIATE")
     try:
@@ -438,18 +438,53 @@ def _submits(con: Con, ops: Sequence[Op]) -> None:
         at += len(op.jobs)
 
 
-_MARK_RUNNING: Final = "UPDATE jobs SET state = 'running', started_at = ?, attempt = ? WHERE id = ?"
-_DELETE_JOB: Final = "DELETE FROM jobs WHERE id = ?"
+# Statements over many rows at once, for k = 1, 2, 4, ... 256 rows (a few shapes, all cached):
+# one sqlite3_step per statement, so the writer thread takes the GIL once per up to 256 rows
+# instead of once per row as executemany does (see the module docstring of the store).
+_SHAPES: Final = [1 << b for b in range(9)]
+
+
+def _values(k: int, width: int) -> str:
+    return ", ".join(["(" + ", ".join("?" * width) + ")"] * k)
+
+
+_MARK_RUNNING: Final = {
+    k: "UPDATE jobs SET state = 'running', started_at = v.column2, attempt = v.column3 "
+       f"FROM (VALUES {_values(k, 3)}) AS v WHERE jobs.id = v.column1"
+    for k in _SHAPES
+}
+_DELETE_JOBS: Final = {
+    k: f"DELETE FROM jobs WHERE id IN ({', '.join('?' * k)})" for k in _SHAPES
+}
+_INSERT_RUNS: Final = {
+    k: "INSERT INTO runs (job_id, task_id, outcome, trace_id, finished_at, body) "
+       f"VALUES {_values(k, 6)}"
+    for k in _SHAPES
+}
+
+
+def _many(con: Con, sql: dict[int, str], rows: Sequence[Row]) -> None:
+    """Run ``sql[k]`` over ``rows`` in as few statements as the shapes allow."""
+    at = 0
+    n = len(rows)
+    while at < n:
+        k = min(_ROWS_PER_INSERT, n - at)
+        if k < _ROWS_PER_INSERT:
+            k = 1 << (k.bit_length() - 1)
+        con.execute(sql[k], [x for row in rows[at : at + k] for x in row])
+        at += k
 
 
 def _mark_running(con: Con, ops: Sequence[Op]) -> None:
-    con.executemany(_MARK_RUNNING, [op.args for op in ops if isinstance(op, MarkRunning)])
+    # (started_at, attempt, job_id) -> (job_id, started_at, attempt) for the VALUES list
+    _many(con, _MARK_RUNNING,
+          [(op.args[2], op.args[0], op.args[1]) for op in ops if isinstance(op, MarkRunning)])
 
 
 def _finishes(con: Con, ops: Sequence[Op]) -> None:
     fins = [op for op in ops if isinstance(op, Finish)]
-    con.executemany(_DELETE_JOB, [(op.job_id,) for op in fins])
-    con.executemany(_INSERT_RUN, [op.run for op in fins])
+    _many(con, _DELETE_JOBS, [(op.job_id,) for op in fins])
+    _many(con, _INSERT_RUNS, [op.run for op in fins])
     if any(op.follow_up for op in fins):
         follow = [job for op in fins for job in op.follow_up]
         nows = [op.run[4] for op in fins for _ in op.follow_up]  # run.finished_at
