@@ -222,13 +222,14 @@ def prepare(con: Con, where: str, read_only: bool) -> int:
 def apply_batch(con: Con, batch: Sequence[Op]) -> None:
     """Apply ``batch`` in one transaction, in order; raise (rolled back) if anything fails.
 
-    Consecutive operations of one kind are applied together. Between two other operations, every ``MarkRunning`` goes before every ``Finish``:
-    they commute there, since a job's ``MarkRunning`` is committed before its action starts,
-    hence before its ``Finish`` is queued, and a ``Finish`` without follow-ups touches no other
-    job's row. A ``Finish`` with follow-ups (retries, dependents) ends such a stretch: the
-    marks queued after it go after its inserts, as queued. A loop turn that starts and ends
-    hundreds of runs then costs a few multi-row statements (up to 256 rows each: one
-    ``sqlite3_step``, one GIL hand-off), not hundreds of alternating small ones.
+    Consecutive operations of one kind are applied together. Between two other operations,
+    every ``MarkRunning`` goes before every ``Finish``: they commute there, since a job's
+    ``MarkRunning`` is committed before its action starts, hence before its ``Finish`` is
+    queued, and a ``Finish`` without follow-ups touches no other job's row. A ``Finish`` with
+    follow-ups (retries, dependents) ends such a stretch: the marks queued after it go after
+    its inserts, as queued. A loop turn that starts and ends hundreds of runs then costs a few
+    multi-row statements (up to 256 rows each: one ``sqlite3_step``, one GIL hand-off), not
+    hundreds of alternating small ones.
     """
     con.execute("BEGIN IMMEDIATE")
     try:
