@@ -10,6 +10,7 @@ connection, applying runs of same-kind operations together.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
@@ -227,8 +228,8 @@ def apply_batch(con: Con, batch: Sequence[Op]) -> None:
     ``MarkRunning`` is committed before its action starts, hence before its ``Finish`` is
     queued, and a ``Finish`` without follow-ups touches no other job's row. A ``Finish`` with
     follow-ups (retries, dependents) ends such a stretch: the marks queued after it go after
-    its inserts, as queued. A loop turn that starts and ends hundreds of runs then costs a few
-    multi-row statements (up to 256 rows each: one ``sqlite3_step``, one GIL hand-off), not
+    its inserts, as queued. A loop turn that starts and ends hundreds of runs then costs three
+    multi-row statements (one ``sqlite3_step``, one GIL hand-off each; see ``_many``), not
     hundreds of alternating small ones.
     """
     con.execute("BEGIN IMMEDIATE")
@@ -439,53 +440,52 @@ def _submits(con: Con, ops: Sequence[Op]) -> None:
         at += len(op.jobs)
 
 
-# Statements over many rows at once, for k = 1, 2, 4, ... 256 rows (a few shapes, all cached):
-# one sqlite3_step per statement, so the writer thread takes the GIL once per up to 256 rows
-# instead of once per row as executemany does (see the module docstring of the store).
-_SHAPES: Final = [1 << b for b in range(9)]
+# Statements over many rows at once. Each sqlite3_step releases the GIL, and taking it back
+# while the event loop runs Python costs the writer thread up to the switch interval (5 ms):
+# so a stretch of marks, deletes or run records is one statement of exactly its size (up to
+# _MANY_MAX rows), not executemany's one step per row nor a ladder of power-of-two shapes.
+# Parsing a statement of a new size costs far less than one such wait.
+_MANY_MAX: Final = 2048  # rows per statement: at most 6 x 2048 variables (SQLite allows 32766)
 
 
 def _values(k: int, width: int) -> str:
     return ", ".join(["(" + ", ".join("?" * width) + ")"] * k)
 
 
-_MARK_RUNNING: Final = {
-    k: "UPDATE jobs SET state = 'running', started_at = v.column2, attempt = v.column3 "
-       f"FROM (VALUES {_values(k, 3)}) AS v WHERE jobs.id = v.column1"
-    for k in _SHAPES
-}
-_DELETE_JOBS: Final = {
-    k: f"DELETE FROM jobs WHERE id IN ({', '.join('?' * k)})" for k in _SHAPES
-}
-_INSERT_RUNS: Final = {
-    k: "INSERT INTO runs (job_id, task_id, outcome, trace_id, finished_at, body) "
-       f"VALUES {_values(k, 6)}"
-    for k in _SHAPES
-}
+@functools.lru_cache(maxsize=256)
+def _mark_running_sql(k: int) -> str:
+    return ("UPDATE jobs SET state = 'running', started_at = v.column2, attempt = v.column3 "
+            f"FROM (VALUES {_values(k, 3)}) AS v WHERE jobs.id = v.column1")
 
 
-def _many(con: Con, sql: dict[int, str], rows: Sequence[Row]) -> None:
-    """Run ``sql[k]`` over ``rows`` in as few statements as the shapes allow."""
-    at = 0
-    n = len(rows)
-    while at < n:
-        k = min(_ROWS_PER_INSERT, n - at)
-        if k < _ROWS_PER_INSERT:
-            k = 1 << (k.bit_length() - 1)
-        con.execute(sql[k], [x for row in rows[at : at + k] for x in row])
-        at += k
+@functools.lru_cache(maxsize=256)
+def _delete_jobs_sql(k: int) -> str:
+    return f"DELETE FROM jobs WHERE id IN ({', '.join('?' * k)})"
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_runs_sql(k: int) -> str:
+    return ("INSERT INTO runs (job_id, task_id, outcome, trace_id, finished_at, body) "
+            f"VALUES {_values(k, 6)}")
+
+
+def _many(con: Con, sql: Callable[[int], str], rows: Sequence[Row]) -> None:
+    """Run ``sql(k)`` over ``rows``, ``_MANY_MAX`` rows per statement at most."""
+    for at in range(0, len(rows), _MANY_MAX):
+        part = rows[at : at + _MANY_MAX]
+        con.execute(sql(len(part)), [x for row in part for x in row])
 
 
 def _mark_running(con: Con, ops: Sequence[Op]) -> None:
     # (started_at, attempt, job_id) -> (job_id, started_at, attempt) for the VALUES list
-    _many(con, _MARK_RUNNING,
+    _many(con, _mark_running_sql,
           [(op.args[2], op.args[0], op.args[1]) for op in ops if isinstance(op, MarkRunning)])
 
 
 def _finishes(con: Con, ops: Sequence[Op]) -> None:
     fins = [op for op in ops if isinstance(op, Finish)]
-    _many(con, _DELETE_JOBS, [(op.job_id,) for op in fins])
-    _many(con, _INSERT_RUNS, [op.run for op in fins])
+    _many(con, _delete_jobs_sql, [(op.job_id,) for op in fins])
+    _many(con, _insert_runs_sql, [op.run for op in fins])
     if any(op.follow_up for op in fins):
         follow = [job for op in fins for job in op.follow_up]
         nows = [op.run[4] for op in fins for _ in op.follow_up]  # run.finished_at
