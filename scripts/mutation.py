@@ -21,6 +21,8 @@ Usage::
     .venv/bin/python scripts/mutation.py --sample 400         # a seeded random sample
     .venv/bin/python scripts/mutation.py --per-module 100     # at most 100 of each module
     .venv/bin/python scripts/mutation.py --module kernel/retry.py --list
+    .venv/bin/python scripts/mutation.py --module kernel/retry.py --index 4 --index 5 \
+        --also tests/test_mutation_gaps.py                    # do new tests kill these?
     .venv/bin/python scripts/mutation.py --json out.json
 
 Prints one line per mutant (``K``/``S``/``T`` and where) to stderr and, at the end, JSON with the
@@ -280,8 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-module", type=int, help="test at most this many mutants of each "
                     "module, drawn at random (a module with fewer is tested in full)")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--limit-factor", type=float, default=2.0, help="a mutant whose tests run "
+                    "longer than this many times the unmutated run (+3 s) is a timeout (killed: "
+                    "most are endless loops)")
     ap.add_argument("--also", action="append", default=[], help="a test file run for every "
                     "module as well (e.g. tests/test_mutation_gaps.py)")
+    ap.add_argument("--index", type=int, action="append", help="only the mutant with this "
+                    "index (as --list shows it) of the one --module (repeatable)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--json", type=Path, help="also write the JSON report here")
     args = ap.parse_args(argv)
@@ -308,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             mine = [m for m in everything if m.module == mod]
             chosen += sorted(rng.sample(mine, min(args.per_module, len(mine))),
                              key=lambda m: m.index)
+    if args.index:
+        if len(modules) != 1:
+            ap.error("--index needs exactly one --module")
+        chosen = [m for m in chosen if m.index in set(args.index)]
     if args.sample is not None and args.sample < len(chosen):
         chosen = sorted(random.Random(args.seed).sample(chosen, args.sample),
                         key=lambda m: (m.module, m.index))
@@ -326,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline[mod] = secs
         for m in chosen:
             tests = [*TARGETS[m.module], *args.also]
-            limit = 3 * baseline[m.module] + 10
+            limit = args.limit_factor * baseline[m.module] + 3
             verdict, secs = run_one(m.module, m.index, tests, workdir, limit)
             r = results.setdefault(m.module, {"mutants": 0, "killed": 0, "survived": 0,
                                               "timeout": 0})

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import random
 
-from kernel.config import RetryPolicy
+from kernel.config import Misfire, RetryPolicy
+from kernel.misfire import plan_misfires
 from kernel.retry import backoff_cap, retry_delay
+from kernel.triggers import Schedule, parse_schedule
 
 
 # ---------------------------------------------------------------- retry (kernel/retry.py)
@@ -21,3 +23,45 @@ def test_a_zero_max_delay_caps_every_wait_at_zero() -> None:
     # mutant: ``secs(policy.max_delay) or 0.0`` -> ``or 1.0``
     policy = RetryPolicy(max_attempts=5, initial_delay=2, max_delay=0)
     assert [backoff_cap(policy, n) for n in (1, 4)] == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------- misfire (kernel/misfire.py)
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+EVERY_MIN = parse_schedule("* * * * *", "UTC")
+
+
+class CountingSchedule:
+    """A schedule that counts how often it is asked for the next instant (a test double that
+    delegates to a real schedule)."""
+
+    def __init__(self, inner: Schedule) -> None:
+        self.inner, self.calls = inner, 0
+        self.expr, self.tz = inner.expr, inner.tz
+
+    def next_after(self, t: float) -> float | None:
+        self.calls += 1
+        return self.inner.next_after(t)
+
+
+def test_an_occurrence_exactly_grace_late_is_late_not_missed() -> None:
+    # mutant: ``now - t <= grace`` -> ``<``. +60 is exactly 30 s late at +90: it still runs,
+    # even under ``skip``, and nothing is recorded as missed
+    p = plan_misfires("t", EVERY_MIN, T0, T0 + 90, policy=Misfire.SKIP, grace=30.0,
+                      max_catch_up=10)
+    assert p.run == (T0 + 60,) and p.record is None
+    p = plan_misfires("t", EVERY_MIN, T0, T0 + 90.001, policy=Misfire.SKIP, grace=30.0,
+                      max_catch_up=10)
+    assert p.run == () and p.record is not None and p.record.missed == 1
+
+
+def test_counting_stops_at_exactly_the_scan_limit() -> None:
+    # mutants: ``scanned = 0`` -> ``1``, ``scanned += 1`` -> ``-= 1`` (never stops),
+    # ``scanned >= scan_limit`` -> ``>``. A day of a per-second task, down for all of it:
+    # 100 occurrences are scanned and counted, then the 30 within the grace are taken exactly.
+    sched = CountingSchedule(parse_schedule("@every 1s", "UTC"))
+    p = plan_misfires("t", sched, T0, T0 + 86400, policy=Misfire.CATCH_UP, grace=30.0,
+                      max_catch_up=3, scan_limit=100)
+    assert p.run == (T0 + 86398, T0 + 86399, T0 + 86400)
+    assert p.record is not None and p.record.ran == 3
+    assert p.record.missed == 100 + 30 - 3  # 100 counted, 30 late, 3 of them run
+    assert sched.calls <= 100 + 31 + 2, "the scan went on past its limit"
