@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from kernel.config import Misfire, RetryPolicy
-from kernel.misfire import plan_misfires
+from kernel.misfire import MisfirePlan, plan_misfires
 from kernel.retry import backoff_cap, retry_delay
 from kernel.triggers import Schedule, parse_schedule
 
@@ -65,3 +65,45 @@ def test_counting_stops_at_exactly_the_scan_limit() -> None:
     assert p.record is not None and p.record.ran == 3
     assert p.record.missed == 100 + 30 - 3  # 100 counted, 30 late, 3 of them run
     assert sched.calls <= 100 + 31 + 2, "the scan went on past its limit"
+
+
+PER_SEC = parse_schedule("@every 1s", "UTC")
+
+
+def _plan(policy: Misfire, sched: Schedule, down_for: float, *, grace: float = 30.0,
+          max_catch_up: int = 10, scan_limit: int = 100_000) -> MisfirePlan:
+    return plan_misfires("t", sched, T0, T0 + down_for, policy=policy, grace=grace,
+                         max_catch_up=max_catch_up, scan_limit=scan_limit)
+
+
+def test_two_late_occurrences_are_coalesced_and_recorded() -> None:
+    # mutants: ``len(late) <= 1`` -> ``<= 2`` (two late ones both run, unrecorded);
+    # ``late[0]`` -> ``late[1]`` (the record's first instant)
+    p = _plan(Misfire.COALESCE, PER_SEC, 2.0, grace=60.0)
+    assert p.run == (T0 + 2,)
+    assert p.record is not None and p.record.missed == 1 and p.record.ran == 1
+    assert (p.record.first_missed, p.record.last_missed) == (T0 + 1, T0 + 2)
+
+
+def test_catch_up_of_one_runs_only_the_newest() -> None:
+    # mutant: ``due[-max(1, max_catch_up):]`` -> ``due[-max(2, ...):]``
+    assert _plan(Misfire.CATCH_UP, EVERY_MIN, 600.0, max_catch_up=1).run == (T0 + 600,)
+
+
+def test_catch_up_of_zero_runs_only_a_late_occurrence() -> None:
+    # mutants: ``max_catch_up > 0`` -> ``>= 0``; ``late[-1:]`` -> ``late[1:]``
+    assert _plan(Misfire.CATCH_UP, EVERY_MIN, 645.0, max_catch_up=0).run == ()
+    assert _plan(Misfire.CATCH_UP, EVERY_MIN, 620.0, max_catch_up=0).run == (T0 + 600,)
+
+
+def test_a_scan_that_stops_on_the_last_occurrence_keeps_the_late_ones() -> None:
+    # mutant: ``nxt is not None and nxt <= now`` -> ``or``: the late ones found before the
+    # limit would be dropped when nothing follows them before now
+    p = _plan(Misfire.CATCH_UP, PER_SEC, 100.0, max_catch_up=3, scan_limit=100)
+    assert p.run == (T0 + 98, T0 + 99, T0 + 100)
+
+
+def test_a_scan_limit_jump_that_lands_on_now_runs_it() -> None:
+    # mutant: ``nxt <= now`` -> ``<``: the occurrence at exactly now was lost after the jump
+    p = _plan(Misfire.SKIP, PER_SEC, 100.0, grace=0.5, scan_limit=99)
+    assert p.run == (T0 + 100,)
