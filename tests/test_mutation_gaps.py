@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import random
 
+from kernel import completion
+from kernel.completion import Result, Settlement
 from kernel.config import Misfire, RetryPolicy
+from kernel.errors import ActionError, ActionNotFound, ErrorCode, Superseded
 from kernel.misfire import MisfirePlan, plan_misfires
+from kernel.records import Job, Outcome
 from kernel.retry import backoff_cap, retry_delay
 from kernel.triggers import Schedule, parse_schedule
 
@@ -107,3 +111,43 @@ def test_a_scan_limit_jump_that_lands_on_now_runs_it() -> None:
     # mutant: ``nxt <= now`` -> ``<``: the occurrence at exactly now was lost after the jump
     p = _plan(Misfire.SKIP, PER_SEC, 100.0, grace=0.5, scan_limit=99)
     assert p.run == (T0 + 100,)
+
+
+# ---------------------------------------------------------------- completion (kernel/completion.py)
+NOW = 1_000.0
+
+
+def _settle(res: Result, retry: RetryPolicy | None) -> Settlement:
+    j = Job(id="j1", action="a", task_id="t", due_at=NOW - 1, scheduled_at=NOW - 1,
+            trace_id="tr")
+    return completion.settle(j, "span", res, started=NOW - 0.5, now=NOW, duration=0.5,
+                             retry=retry, rng=random.Random(1), new_id=lambda: "new",
+                             dependents=lambda up, span, now: [])
+
+
+def test_a_failure_that_is_not_retryable_is_not_retried_whatever_the_policy() -> None:
+    # mutant: ``res.outcome in (FAILED, TIMED_OUT) and res.retryable`` -> ``or``
+    s = _settle(completion.classify(ActionError("boom")), RetryPolicy(max_attempts=3))
+    assert s.follow == [] and s.retry_at is None
+    assert s.run.error_code == ErrorCode.ERR_ACTION_FAILED.value
+    # and a success is never retried, even when marked retryable by mistake
+    res = completion.succeeded("ok")
+    res.retryable = True
+    assert _settle(res, RetryPolicy(max_attempts=3)).follow == []
+
+
+def test_classify_names_what_each_kernel_error_means() -> None:
+    # mutants: ``return Result(...)`` -> ``return None`` for Superseded and for the submit
+    # errors (the kernel tests reach them, the room's own tests did not)
+    gone = completion.classify(Superseded("rescued by another kernel"))
+    assert (gone.outcome, gone.code, gone.retryable) == (
+        Outcome.CANCELLED, ErrorCode.ERR_SUPERSEDED, False)
+    missing = completion.classify(ActionNotFound("no action 'x'"))
+    assert (missing.outcome, missing.code, missing.retryable) == (
+        Outcome.FAILED, ErrorCode.ERR_ACTION_NOT_FOUND, False)
+
+
+def test_a_result_of_none_is_a_success_with_no_detail() -> None:
+    # mutant: ``succeeded``'s ``return Result(Outcome.SUCCEEDED)`` -> ``return None``
+    res = completion.succeeded(None)
+    assert res.outcome is Outcome.SUCCEEDED and res.detail == ""
