@@ -6,12 +6,14 @@ from __future__ import annotations
 import random
 
 from kernel import completion
+from kernel.clock import FakeClock
 from kernel.completion import Result, Settlement
 from kernel.config import Misfire, RetryPolicy
 from kernel.errors import ActionError, ActionNotFound, ErrorCode, Superseded
 from kernel.misfire import MisfirePlan, plan_misfires
 from kernel.records import Job, Outcome
 from kernel.retry import backoff_cap, retry_delay
+from kernel.timers import Timers
 from kernel.triggers import Schedule, parse_schedule
 
 
@@ -151,3 +153,43 @@ def test_a_result_of_none_is_a_success_with_no_detail() -> None:
     # mutant: ``succeeded``'s ``return Result(Outcome.SUCCEEDED)`` -> ``return None``
     res = completion.succeeded(None)
     assert res.outcome is Outcome.SUCCEEDED and res.detail == ""
+
+
+# ---------------------------------------------------------------- timers (kernel/timers.py)
+T1 = 1_767_225_600.0
+
+
+def _job(jid: str, due: float) -> Job:
+    return Job(id=jid, action="a", due_at=due)
+
+
+async def test_time_passing_is_no_wall_step_and_one_second_is_not_a_step() -> None:
+    # mutants: ``wall() - monotonic()`` -> ``+`` (time passing looked like a step);
+    # ``<= self._wall_jump`` -> ``<`` (a step of exactly the tolerance counted)
+    clock = FakeClock(wall=T1)
+    t = Timers(clock)
+    await clock.advance(5.0)
+    assert not t.wall_stepped()
+    clock.set_wall(clock.wall() + 1.0)  # exactly the 1 s tolerance: not a step
+    assert not t.wall_stepped()
+    clock.set_wall(clock.wall() + 0.5)  # 1.5 s from the last look: a step
+    assert t.wall_stepped()
+
+
+async def test_a_job_due_in_a_quarter_second_is_due_then_not_a_tick_later() -> None:
+    # mutant: the wheel's resolution 0.001 -> 1.001 s (every job up to a second late)
+    clock = FakeClock(wall=T1)
+    t = Timers(clock)
+    t.arm_job(_job("a", T1 + 0.25))
+    deadline = t.next_deadline()
+    assert deadline is not None and deadline - clock.monotonic() <= 0.25 + 0.001
+    await clock.advance(0.25)
+    assert [j.id for j in t.expire().jobs] == ["a"]
+
+
+def test_the_wall_clock_is_looked_at_every_30_seconds_while_timers_are_armed() -> None:
+    # mutant: WALL_CHECK_EVERY 30 -> 31 (the README promises at least every 30 s)
+    clock = FakeClock(wall=T1)
+    t = Timers(clock)
+    t.arm_job(_job("far", T1 + 3600))
+    assert t.next_deadline() == clock.monotonic() + 30.0
