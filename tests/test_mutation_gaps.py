@@ -8,7 +8,8 @@ import random
 from kernel import completion
 from kernel.clock import FakeClock
 from kernel.completion import Result, Settlement
-from kernel.config import Misfire, RetryPolicy
+from kernel.config import Misfire, Overlap, RetryPolicy
+from kernel.dispatch import Dispatcher, Limits, TaskRules, Verdict
 from kernel.errors import ActionError, ActionNotFound, ErrorCode, Superseded
 from kernel.misfire import MisfirePlan, plan_misfires
 from kernel.records import Job, Outcome
@@ -182,3 +183,53 @@ def test_the_wall_clock_is_looked_at_every_30_seconds_while_timers_are_armed() -
     t = Timers(clock)
     t.arm_job(_job("far", T1 + 3600))
     assert t.next_deadline() == clock.monotonic() + 30.0
+
+
+# ---------------------------------------------------------------- dispatch (kernel/dispatch.py)
+def _djob(i: str, task: str | None = None) -> Job:
+    return Job(id=i, action="log", due_at=0.0, task_id=task)
+
+
+def test_held_lists_every_held_job_with_its_reason() -> None:
+    # mutant: ``held()`` returns None (the snapshot's queued view reads it)
+    rules = {"t": TaskRules(max_instances=1, overlap=Overlap.BUFFER_ALL)}
+    d = Dispatcher(Limits(max_concurrency=4), rules=rules.get)
+    d.offer(_djob("1", "t"), 0.0, occurrence=True)
+    d.offer(_djob("2", "t"), 0.0, occurrence=True)
+    assert [j.id for j in d.plan(0.0)] == ["1"]
+    held = d.held()
+    assert list(held) == ["2"] and "already runs" in held["2"]
+
+
+def test_a_job_offered_without_occurrence_is_not_subject_to_overlap() -> None:
+    # mutant: ``offer(..., occurrence=False)`` default -> True: a retry, a dependent or a manual
+    # trigger of a busy task would be skipped by its overlap policy
+    rules = {"t": TaskRules(max_instances=1, overlap=Overlap.SKIP)}
+    d = Dispatcher(Limits(max_concurrency=4), rules=rules.get)
+    d.offer(_djob("1", "t"), 0.0, occurrence=True)
+    assert [j.id for j in d.plan(0.0)] == ["1"]
+    assert d.offer(_djob("retry", "t"), 0.0).verdict is Verdict.ENQUEUED
+    assert d.offer(_djob("occ", "t"), 0.0, occurrence=True).verdict is Verdict.SKIPPED
+
+
+def test_plan_scans_exactly_scan_limit_jobs() -> None:
+    # mutants: ``scanned = 0`` -> ``1`` (scans one fewer); ``scanned < scan_limit`` -> ``<=``
+    d = Dispatcher(Limits(max_concurrency=10))
+    for i in "abc":
+        d.offer(_djob(i), 0.0)
+    assert [j.id for j in d.plan(0.0, scan_limit=1)] == ["a"]
+    assert [j.id for j in d.plan(0.0, scan_limit=2)] == ["b", "c"]
+
+
+def test_remove_many_takes_the_named_queued_jobs_and_frees_their_task() -> None:
+    # mutants in ``remove_many``: ``job_ids is None`` -> ``is not``, ``in`` -> ``not in``,
+    # ``_queued_by_task[...] -= 1`` -> ``+= 1``
+    rules = {"t": TaskRules(max_instances=1, overlap=Overlap.BUFFER_ONE)}
+    d = Dispatcher(Limits(max_concurrency=0), rules=rules.get)  # nothing starts: all queued
+    d.offer(_djob("a", "t"), 0.0, occurrence=True)
+    d.offer(_djob("b"), 0.0)
+    assert [j.id for j in d.remove_many({"a"})] == ["a"]
+    assert [j.id for j in d.queued_jobs()] == ["b"]
+    # the task has nothing queued any more: a new occurrence is buffered, not skipped
+    assert d.offer(_djob("a2", "t"), 0.0, occurrence=True).verdict is Verdict.ENQUEUED
+    assert sorted(j.id for j in d.remove_many()) == ["a2", "b"] and d.queued == 0
