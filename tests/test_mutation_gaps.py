@@ -223,7 +223,7 @@ def test_plan_scans_exactly_scan_limit_jobs() -> None:
 
 def test_remove_many_takes_the_named_queued_jobs_and_frees_their_task() -> None:
     # mutants in ``remove_many``: ``job_ids is None`` -> ``is not``, ``in`` -> ``not in``,
-    # ``_queued_by_task[...] -= 1`` -> ``+= 1``
+    # ``_queued_by_task[...] -= 1`` -> ``+= 1`` or ``-= 2``
     rules = {"t": TaskRules(max_instances=1, overlap=Overlap.BUFFER_ONE)}
     d = Dispatcher(Limits(max_concurrency=0), rules=rules.get)  # nothing starts: all queued
     d.offer(_djob("a", "t"), 0.0, occurrence=True)
@@ -232,4 +232,6 @@ def test_remove_many_takes_the_named_queued_jobs_and_frees_their_task() -> None:
     assert [j.id for j in d.queued_jobs()] == ["b"]
     # the task has nothing queued any more: a new occurrence is buffered, not skipped
     assert d.offer(_djob("a2", "t"), 0.0, occurrence=True).verdict is Verdict.ENQUEUED
+    # ... and exactly one is queued now: the next one is skipped (buffer_one)
+    assert d.offer(_djob("a3", "t"), 0.0, occurrence=True).verdict is Verdict.SKIPPED
     assert sorted(j.id for j in d.remove_many()) == ["a2", "b"] and d.queued == 0
