@@ -21,8 +21,8 @@ Usage::
     .venv/bin/python scripts/mutation.py --sample 400         # a seeded random sample
     .venv/bin/python scripts/mutation.py --per-module 100     # at most 100 of each module
     .venv/bin/python scripts/mutation.py --module kernel/retry.py --list
-    .venv/bin/python scripts/mutation.py --module kernel/retry.py --index 4 --index 5 \
-        --also tests/test_mutation_gaps.py                    # do new tests kill these?
+    .venv/bin/python scripts/mutation.py --module kernel/retry.py --index 4 --index 5
+    .venv/bin/python scripts/mutation.py --without tests/test_mutation_gaps.py  # as first run
     .venv/bin/python scripts/mutation.py --json out.json
 
 Prints one line per mutant (``K``/``S``/``T`` and where) to stderr and, at the end, JSON with the
@@ -50,21 +50,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 # module file -> the fast test files that exercise it (slow tests are deselected)
+_GAPS = "tests/test_mutation_gaps.py"  # tests written for the survivors of the first run
 TARGETS: dict[str, list[str]] = {
-    "kernel/wheel.py": ["tests/test_wheel.py", "tests/rooms/test_timers.py"],
+    "kernel/wheel.py": ["tests/test_wheel.py", "tests/rooms/test_timers.py", _GAPS],
     "kernel/triggers/cron.py": ["tests/test_cron.py", "tests/test_cron_crosscheck.py",
-                                "tests/test_cron_dst.py"],
+                                "tests/test_cron_dst.py", _GAPS],
     "kernel/triggers/_fields.py": ["tests/test_cron.py", "tests/test_cron_crosscheck.py",
-                                   "tests/test_cron_dst.py"],
+                                   "tests/test_cron_dst.py", _GAPS],
     "kernel/triggers/_parse.py": ["tests/test_cron.py", "tests/test_cron_crosscheck.py",
-                                  "tests/test_cron_dst.py"],
-    "kernel/dispatch.py": ["tests/test_dispatch.py", "tests/test_kernel_rooms.py"],
-    "kernel/completion.py": ["tests/rooms/test_completion.py", "tests/test_kernel_rooms.py"],
-    "kernel/misfire.py": ["tests/test_misfire_retry.py", "tests/rooms/test_timetable.py"],
-    "kernel/retry.py": ["tests/test_misfire_retry.py", "tests/test_kernel_rooms.py"],
-    "kernel/timers.py": ["tests/rooms/test_timers.py", "tests/test_kernel_rooms.py"],
+                                  "tests/test_cron_dst.py", _GAPS],
+    "kernel/dispatch.py": ["tests/test_dispatch.py", "tests/test_kernel_rooms.py", _GAPS],
+    "kernel/completion.py": ["tests/rooms/test_completion.py", "tests/test_kernel_rooms.py",
+                             _GAPS],
+    "kernel/misfire.py": ["tests/test_misfire_retry.py", "tests/rooms/test_timetable.py", _GAPS],
+    "kernel/retry.py": ["tests/test_misfire_retry.py", "tests/test_kernel_rooms.py", _GAPS],
+    "kernel/timers.py": ["tests/rooms/test_timers.py", "tests/test_kernel_rooms.py", _GAPS],
 }
-EXTRA_TESTS: list[str] = []  # --also: more test files run for every module (new gap tests)
 
 _BINOP: dict[type[ast.operator], type[ast.operator]] = {
     ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
@@ -286,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                     "longer than this many times the unmutated run (+3 s) is a timeout (killed: "
                     "most are endless loops)")
     ap.add_argument("--also", action="append", default=[], help="a test file run for every "
-                    "module as well (e.g. tests/test_mutation_gaps.py)")
+                    "module as well")
+    ap.add_argument("--without", action="append", default=[], help="leave this test file out "
+                    "(e.g. tests/test_mutation_gaps.py, to see the score without it)")
     ap.add_argument("--index", type=int, action="append", help="only the mutant with this "
                     "index (as --list shows it) of the one --module (repeatable)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mutation-") as workdir:
         baseline: dict[str, float] = {}
         for mod in modules:
-            tests = [*TARGETS[mod], *args.also]
+            tests = [t for t in [*TARGETS[mod], *args.also] if t not in args.without]
             verdict, secs = run_one(mod, None, tests, workdir, 600)
             if verdict != "survived":
                 print(f"{mod}: its tests fail without any mutation ({verdict}); fix that first",
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             baseline[mod] = secs
         for m in chosen:
-            tests = [*TARGETS[m.module], *args.also]
+            tests = [t for t in [*TARGETS[m.module], *args.also] if t not in args.without]
             limit = args.limit_factor * baseline[m.module] + 3
             verdict, secs = run_one(m.module, m.index, tests, workdir, limit)
             r = results.setdefault(m.module, {"mutants": 0, "killed": 0, "survived": 0,
