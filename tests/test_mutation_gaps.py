@@ -4,6 +4,7 @@ the pure rooms: each kills a mutant that every other test let survive."""
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime
 
 from kernel import completion
 from kernel.clock import FakeClock
@@ -15,7 +16,7 @@ from kernel.misfire import MisfirePlan, plan_misfires
 from kernel.records import Job, Outcome
 from kernel.retry import backoff_cap, retry_delay
 from kernel.timers import Timers
-from kernel.triggers import Schedule, parse_schedule
+from kernel.triggers import Schedule, parse_schedule, preview
 from kernel.wheel import TimingWheel
 
 
@@ -253,3 +254,17 @@ def test_one_advance_over_a_drained_bucket_returns_deadline_order() -> None:
         w.advance(rng.uniform(0.0, 0.069))
         got = [ds[i] for i in w.advance(rng.uniform(0.5, 6.0))]
         assert got == sorted(got), (seed, got)
+
+
+# ---------------------------------------------------------------- triggers (kernel/triggers/)
+def test_a_year_range_whose_only_match_is_its_first_year_parses() -> None:
+    # mutants in the "can never fire" check: the first year of the field,
+    # ``(mask & -mask).bit_length() - 1``, taken as a later one (``- 2``, ``|``, no minus):
+    # 29 February exists in 2028 only, so looking from a later year found nothing
+    sched = parse_schedule("0 0 0 29 2 ? 2028-2030", "UTC")
+    assert sched.next_after(T0) == datetime(2028, 2, 29, tzinfo=UTC).timestamp()
+
+
+def test_a_preview_of_no_fire_times_is_empty_not_an_error() -> None:
+    # mutant: ``if not out and count > 0`` -> ``>= 0`` (count 0 raised "never fires")
+    assert preview("* * * * *", "UTC", T0, 0) == []
