@@ -105,12 +105,14 @@ def parse(out: Path) -> list[Line]:
 
 
 def alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie does not: it writes nothing more)."""
+    """Whether the worker ``pid`` still runs (a zombie does not: it writes nothing more; a
+    reused pid is not a kernel worker, whose command line sets ``sys.path``)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"sys.path" in cmdline
 
 
 async def until(what: str, cond: Callable[[], Awaitable[bool]] | Callable[[], bool],
