@@ -26,6 +26,7 @@ from .records import Job
 from .wheel import TimingWheel
 
 WALL_CHECK_EVERY = 30.0  # seconds between looks at the wall clock while timers are armed
+MIN_SLEEP = 0.001  # the shortest sleep of the timer loop (see Timers.wait)
 _KEEP_EMPTY_GROUPS = 64  # empty deadline groups kept for reuse (a run per group costs a dict)
 
 _HANDLE = 16  # bytes of the wheel handle in front of a packed job: (tick << 64) | sequence
@@ -235,8 +236,18 @@ class Timers:
         return deadline
 
     async def wait(self) -> None:
-        """Sleep until the next deadline or a ``wake()``."""
+        """Sleep until the next deadline or a ``wake()``.
+
+        A deadline less than ``MIN_SLEEP`` ahead is slept as ``MIN_SLEEP`` (the wheel's own
+        resolution): uvloop's timers count whole milliseconds and round a shorter timeout to 0,
+        so the loop would wake, find the wheel's slot not due yet, and sleep for 0 again,
+        spinning until the deadline (0.87 of a core against asyncio's 0.35 for the same 10k
+        runs/s)."""
         deadline = self.next_deadline()
+        if deadline is not None:
+            now = self.clock.monotonic()
+            if now < deadline < now + MIN_SLEEP:
+                deadline = now + MIN_SLEEP
         self._sleep_until = inf if deadline is None else deadline
         await self.clock.sleep_until(deadline, self._wake)
         self._sleep_until = -inf  # awake: arming needs no wake-up, the loop looks again

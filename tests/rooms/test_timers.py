@@ -126,3 +126,22 @@ async def test_a_job_due_before_the_wheel_started_is_held_and_comes_due() -> Non
     assert t.take_job("old2") is not None and len(t) == 1
     await clock.advance(0.01)
     assert [j.id for j in t.expire().jobs] == ["old"]
+
+
+async def test_the_loop_never_sleeps_less_than_a_millisecond_before_a_deadline() -> None:
+    """uvloop rounds a timeout below 1 ms to 0: a shorter sleep would spin until the deadline.
+    A deadline 0.3 ms ahead is slept as 1 ms; one already due is not slept at all."""
+    slept: list[float | None] = []
+
+    class Recording(FakeClock):
+        async def sleep_until(self, deadline: float | None, wake: asyncio.Event) -> None:
+            slept.append(None if deadline is None else deadline - self.monotonic())
+
+    clock = Recording()
+    t = Timers(clock)
+    t.arm_job(job("soon", clock.wall() + 0.0003))
+    await t.wait()
+    assert slept[-1] is not None and slept[-1] >= 0.001 - 1e-9
+    await clock.advance(0.002)
+    await t.wait()
+    assert slept[-1] is not None and slept[-1] <= 0
