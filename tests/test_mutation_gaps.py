@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime
 
+import pytest
+
 from kernel import completion
 from kernel.clock import FakeClock
 from kernel.completion import Result, Settlement
@@ -268,3 +270,30 @@ def test_a_year_range_whose_only_match_is_its_first_year_parses() -> None:
 def test_a_preview_of_no_fire_times_is_empty_not_an_error() -> None:
     # mutant: ``if not out and count > 0`` -> ``>= 0`` (count 0 raised "never fires")
     assert preview("* * * * *", "UTC", T0, 0) == []
+
+
+def _at(y: int, m: int, d: int, h: int = 0) -> float:
+    return datetime(y, m, d, h, tzinfo=UTC).timestamp()
+
+
+def test_2100_is_no_leap_year_but_2000_was() -> None:
+    # mutants in ``_is_leap``: ``y % 100`` / ``y % 400`` -> ``*`` (every 4th year a leap year)
+    feb29 = parse_schedule("0 0 29 2 *", "UTC")
+    assert feb29.next_after(_at(2096, 3, 1)) == _at(2104, 2, 29)
+    assert feb29.next_after(_at(1997, 3, 1)) == _at(2000, 2, 29)
+
+
+def test_the_search_carries_into_the_next_year_after_december() -> None:
+    # mutant in ``DayRule.next_day``: the year after December ``y += 1`` -> ``y -= 1``
+    # (a year field then sent the search back into the past)
+    sched = parse_schedule("0 0 0 10 * ? 2027,2029", "UTC")
+    assert sched.next_after(_at(2027, 12, 15)) == _at(2029, 1, 10)
+
+
+@pytest.mark.parametrize(("lower", "upper"), [("0 0 l-2 * *", "0 0 L-2 * *"),
+                                              ("0 0 * * 5l", "0 0 * * 5L")])
+def test_l_is_read_in_either_case(lower: str, upper: str) -> None:
+    # mutants: the ``L-n`` and ``nL`` patterns' flags ``IGNORECASE | ASCII`` -> ``&`` (none)
+    a, b = parse_schedule(lower, "UTC"), parse_schedule(upper, "UTC")
+    assert [a.next_after(T0 + k * 86400 * 20) for k in range(6)] == [
+        b.next_after(T0 + k * 86400 * 20) for k in range(6)]
