@@ -18,6 +18,7 @@ The threats and the answer to each (the README's "Security model" says the same 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import secrets
@@ -38,8 +39,10 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _TOKEN_BYTES = 32
 
 
+@functools.lru_cache(maxsize=64)
 def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` keeps the API on this machine."""
+    """Whether binding ``host`` keeps the API on this machine (memoised: it is asked for the
+    same bind host on every request)."""
     if host == "localhost":
         return True
     try:
