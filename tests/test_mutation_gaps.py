@@ -3,6 +3,7 @@ the pure rooms: each kills a mutant that every other test let survive."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime
 
@@ -17,7 +18,7 @@ from kernel.errors import ActionError, ActionNotFound, ErrorCode, Superseded
 from kernel.misfire import MisfirePlan, plan_misfires
 from kernel.records import Job, Outcome
 from kernel.retry import backoff_cap, retry_delay
-from kernel.timers import Timers
+from kernel.timers import Deadlines, Timers
 from kernel.triggers import Schedule, parse_schedule, preview
 from kernel.wheel import TimingWheel
 
@@ -297,3 +298,45 @@ def test_l_is_read_in_either_case(lower: str, upper: str) -> None:
     a, b = parse_schedule(lower, "UTC"), parse_schedule(upper, "UTC")
     assert [a.next_after(T0 + k * 86400 * 20) for k in range(6)] == [
         b.next_after(T0 + k * 86400 * 20) for k in range(6)]
+
+
+class _Run:
+    def __init__(self, key: str) -> None:
+        self._key = key
+        self.deadline = 0.0
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+
+def test_removing_one_run_keeps_the_others_of_its_time_out_however_many_lengths() -> None:
+    # mutant in ``Deadlines.remove``: ``not g and len(groups) > 64`` -> ``or``: with more than
+    # 64 distinct time-out lengths, one finished run dropped the whole group of its length,
+    # and the other runs of that length never timed out
+    d = Deadlines()
+    runs = [_Run(f"r{i}") for i in range(70)]
+    for i, r in enumerate(runs):
+        d.add(r, float(i + 1), now=0.0)
+    twin = _Run("twin")
+    d.add(twin, 1.0, now=0.5)  # a second run with the first one's length
+    d.remove(runs[0], 1.0)
+    assert [r.key for r in d.expire(1.5)] == ["twin"]
+
+
+async def test_a_deadline_less_than_a_millisecond_ahead_is_slept_as_one_millisecond() -> None:
+    # mutant: ``MIN_SLEEP`` 0.001 -> 1.001: every deadline less than a second ahead was slept
+    # as a whole second
+    clock = FakeClock(wall=T1)
+    t = Timers(clock)
+    t.arm_job(_job("soon", T1 + 0.5))
+    waiter = asyncio.ensure_future(t.wait())
+    await clock.advance(0.5)
+    assert waiter.done(), "the timer loop slept past a deadline 0.5 s ahead"
+    assert [j.id for j in t.expire().jobs] == ["soon"]
+    t.arm_job(_job("sooner", clock.wall() + 0.0004))
+    waiter = asyncio.ensure_future(t.wait())
+    await clock.advance(0.0004)
+    assert not waiter.done()  # slept as 1 ms, not 0 (uvloop would spin)
+    await clock.advance(0.0006)
+    assert waiter.done()
