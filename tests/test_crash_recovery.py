@@ -68,7 +68,8 @@ workers = 6
 id = "{CRON}"
 schedule = "* * * * * *"
 action = "python"
-payload = {{ target = "crashprobe:record", kwargs = {{ out = "{out}", tag = "cron" }} }}
+payload = {{ target = "crashprobe:record", kwargs = {{ out = "{out}", tag = "cron" }}, \
+pass_context = true }}  # the cron runs get their context; the others read KERNEL_* variables
 misfire = "catch_up"
 max_catch_up = 1000
 misfire_grace = "1h"
