@@ -320,9 +320,13 @@ class Timetable:
         firing = Firing(misfire=plan.record, overlap=False)
         if plan.record is not None:
             r = plan.record
-            log.warning("task %s missed %d occurrence(s) from %s to %s; policy %s ran %d",
-                        tc.id, r.missed, _iso(r.first_missed), _iso(r.last_missed), r.policy,
-                        r.ran)
+            if r.missed:
+                log.warning("task %s missed %d occurrence(s) from %s to %s; policy %s ran %d",
+                            tc.id, r.missed, _iso(r.first_missed), _iso(r.last_missed),
+                            r.policy, r.ran)
+            else:  # all of them late within the grace: nothing was missed
+                log.info("task %s: %d occurrence(s) came late (within misfire_grace); policy %s "
+                         "ran %d", tc.id, len(plan.run), r.policy, r.ran)
         if plan.run:
             # caught-up occurrences queue behind each other whatever the overlap policy
             firing.occurrences = [(rt, t) for t in plan.run]
