@@ -22,7 +22,7 @@ import pytest
 from kernel.errors import ErrorCode, StoreLocked
 from kernel.records import Job
 from kernel.store import SqliteStore
-from tests.test_crash_recovery import free_port, start_kernel, wait_healthy
+from tests.kernelproc import free_port, start_kernel, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 
