@@ -58,7 +58,15 @@ from .events import (
 from .fleet import FleetMember, FleetSettings, FleetStore
 from .gpu import GpuGate, GpuProbe, NvmlProbe
 from .plugins import PluginSet
-from .records import Job, JobState, Outcome, RunRecord, ScheduleState, SubmitResult
+from .records import (
+    Job,
+    JobState,
+    Outcome,
+    RunQuery,
+    RunRecord,
+    ScheduleState,
+    SubmitResult,
+)
 from .requests import SubmitRequest, job_from_request
 from .runner import Runner, RunningJob
 from .snapshot import Counters, GpuView, QueuedView, RunningView, Snapshot, TaskView
@@ -77,6 +85,7 @@ MAINTENANCE_EVERY = 60.0
 FIRE_CHUNK = 1024  # occurrences made durable and offered per store round trip
 SAVE_RETRY_FIRST = 0.5   # seconds before a failed finish write is tried again (doubling)
 SAVE_RETRY_MAX = 30.0
+API_BIND_WAIT = 10.0  # seconds KernelStarted waits for the API to be bound
 RECOVERY_REPORT_EVERY = 1.0  # seconds between progress lines while re-arming a large store
 
 
@@ -89,6 +98,17 @@ class KernelParts:
     services: Sequence[Callable[[Kernel], Coroutine[Any, Any, None]]] = ()
     rng: random.Random = field(default_factory=random.Random)
     cancel_grace: float | None = None   # default: runner.CANCEL_GRACE
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReport:
+    """What a cancel did: ``ended`` False means the run still goes (it will be abandoned)."""
+
+    job: Job
+    was: JobState
+    ended: bool
+    outcome: str | None = None
+    error_code: str | None = None
 
 
 @dataclass(slots=True)
@@ -145,6 +165,7 @@ class Kernel:
         self._followups: set[asyncio.Task[None]] = set()
         self._unsaved: list[_Unsaved] = []
         self._unsaved_wake = asyncio.Event()
+        self._api_bound: asyncio.Event | None = None
         self.fleet: FleetMember | None = None
         if isinstance(store, FleetStore):  # several kernels share this store: see fleet.py
             self.fleet = FleetMember(
@@ -168,21 +189,23 @@ class Kernel:
                 await self._make_durable(self.timetable.install(tc, states.get(tc.id)))
             self.timetable.rebuild_dependents()
             self._accepting = not self._stopping  # stop() may come during start-up
-            self.bus.publish(KernelStarted(
+            started_event = KernelStarted(
                 at=self.clock.wall(), data_dir=str(self.config.data_dir()),
-                store=self._store_name(), api_url=self.api_url, tasks=len(self.timetable.tasks),
-                recovered_jobs=loaded, rerun_jobs=rerun))
+                store=self._store_name(), api_url=None, tasks=len(self.timetable.tasks),
+                recovered_jobs=loaded, rerun_jobs=rerun)
             # plugins' resources (sessions, pools) live as long as the services and runs
             async with self.plugins.lifecycle():
-                await self._serve(started)
+                await self._serve(started, started_event)
         finally:
             self._accepting = False
             self._serving = False
             await self.store.close()
             self._stopped.set()
 
-    async def _serve(self, started: asyncio.Event | None) -> None:
-        """Services and the loop; on stop: drain the runs, settle, flush, stop the services."""
+    async def _serve(self, started: asyncio.Event | None, announce: KernelStarted) -> None:
+        """Services and the loop; on stop: drain the runs, settle, flush, stop the services.
+        ``KernelStarted`` goes out once the services began and the API (if any) is bound, so
+        it names the API's address."""
         async with asyncio.TaskGroup() as services:
             service_tasks = []
             for sub in self.plugins.subscribers:
@@ -196,6 +219,15 @@ class Kernel:
                 service_tasks.append(services.create_task(self.fleet.claims()))
             for svc in self._extra_services:
                 service_tasks.append(services.create_task(svc(self)))
+            await asyncio.sleep(0)  # let the services begin (the API announces itself)
+            if self._api_bound is not None:
+                try:
+                    async with asyncio.timeout(API_BIND_WAIT):
+                        await self._api_bound.wait()
+                except TimeoutError:
+                    log.warning("the HTTP API was not listening %g s after start", API_BIND_WAIT)
+            self.bus.publish(msgspec.structs.replace(announce, at=self.clock.wall(),
+                                                     api_url=self.api_url))
             if started is not None:
                 started.set()
             self._serving = True
@@ -222,6 +254,16 @@ class Kernel:
         self.timetable.stopped = True
         self.bus.publish(KernelStopping(at=self.clock.wall(), reason=reason))
         self.timers.wake()
+
+    def expect_api(self) -> None:
+        """An API service calls this as it begins: ``KernelStarted`` waits until it is bound."""
+        self._api_bound = asyncio.Event()
+
+    def api_listening(self, url: str) -> None:
+        """The API service is bound at ``url``."""
+        self.api_url = url
+        if self._api_bound is not None:
+            self._api_bound.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -364,7 +406,7 @@ class Kernel:
         if decision.verdict is Verdict.SKIPPED:
             # the dispatcher's per-task count, not running_of(): that scans every running job,
             # once per skipped occurrence (12 % of a 100k-task herd on SQLite)
-            running = self._dispatcher._by_task[job.task_id or ""]
+            running = self._dispatcher.running_count(job.task_id or "")
             reason = ("another run of the task is still going" if running
                       else "a run of the task is already waiting to start")
             self._finish_unrun(job, Result(Outcome.SKIPPED, ErrorCode.ERR_SKIPPED_OVERLAP,
@@ -666,6 +708,27 @@ class Kernel:
             self.bus.publish(RunCancelled(at=run.finished_at, run=run, duration=0.0))
             return stored
         raise NotFound(f"no pending or running job {job_id!r}")
+
+    async def cancel_and_wait(self, job_id: str) -> CancelReport:
+        """``cancel``, and for a running job wait (at most the cancel grace, on the kernel's
+        clock) until its outcome is recorded, to report what really happened: cancelled,
+        abandoned (it ignored the cancellation), or finished anyway (it ended first)."""
+        r = self.runner.get(job_id)
+        job = await self.cancel(job_id)
+        if r is None or r.job is not job:
+            return CancelReport(job=job, was=job.state, ended=True,
+                                outcome=Outcome.CANCELLED.value,
+                                error_code=ErrorCode.ERR_CANCELLED.value)
+        ended = r.ended()
+        await self.clock.sleep_until(self.clock.monotonic() + self.runner.cancel_grace + 0.5,
+                                     ended)
+        if not ended.is_set():
+            return CancelReport(job=job, was=JobState.RUNNING, ended=False)
+        runs = await self.store.query_runs(RunQuery(job_id=job_id, limit=1))
+        last = runs[0] if runs else None
+        return CancelReport(job=job, was=JobState.RUNNING, ended=True,
+                            outcome=last.outcome.value if last else None,
+                            error_code=last.error_code if last else None)
 
     async def get_job(self, job_id: str) -> Job | None:
         job = self.timers.peek_job(job_id)

@@ -309,7 +309,14 @@ async def _trigger(c: Client, a: argparse.Namespace) -> Any:
 
 async def _cancel(c: Client, a: argparse.Namespace) -> Any:
     data = await c.call("DELETE", f"/jobs/{quote(a.job_id, safe='')}")
-    _out(a, f"cancelled job {a.job_id} (it was {data['was']})")
+    if data.get("running"):
+        _out(a, f"job {a.job_id} is still running: it did not stop when cancelled; the kernel "
+                "abandons it (ERR_ABANDONED) and frees its slot")
+    elif data["was"] == "running" and not data["cancelled"]:
+        _out(a, f"job {a.job_id} finished before the cancel took effect: {data.get('outcome')}")
+    else:
+        code = f", {data['error_code']}" if data.get("error_code") else ""
+        _out(a, f"cancelled job {a.job_id} (it was {data['was']}{code})")
     return data
 
 

@@ -126,6 +126,10 @@ class Dispatcher:
         """Whether a new submission due now may join the ready queue (``queue_depth``)."""
         return len(self._heap) < self.limits.queue_depth
 
+    def running_count(self, task_id: str) -> int:
+        """Runs of ``task_id`` now (O(1))."""
+        return self._by_task[task_id]
+
     def running_of(self, task_id: str) -> list[str]:
         return [jid for jid, r in self._running.items() if r.job.task_id == task_id]
 

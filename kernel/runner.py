@@ -41,9 +41,9 @@ SHUTDOWN = "shutdown"
 
 
 class RunningJob:
-    __slots__ = ("abandoned", "cancel_reason", "deadline", "in_action", "job", "progress",
-                 "span_id", "started_mono", "started_wall", "task", "timed_out", "timeout",
-                 "watch")
+    __slots__ = ("_ended", "abandoned", "cancel_reason", "deadline", "in_action", "job",
+                 "progress", "span_id", "started_mono", "started_wall", "task", "timed_out",
+                 "timeout", "watch")
 
     def __init__(self, job: Job, span_id: str, started_mono: float,
                  timeout: float | None) -> None:
@@ -60,6 +60,17 @@ class RunningJob:
         self.timed_out = False
         self.abandoned = False
         self.progress: tuple[float, float | None, str] | None = None  # (done, total, note)
+        self._ended: asyncio.Event | None = None  # made only when someone waits for the end
+
+    def ended(self) -> asyncio.Event:
+        """Set once the run's outcome is recorded (or it was abandoned)."""
+        if self._ended is None:
+            self._ended = asyncio.Event()
+        return self._ended
+
+    def _end(self) -> None:
+        if self._ended is not None:
+            self._ended.set()
 
     def report(self, done: float, total: float | None, note: str) -> None:
         self.progress = (done, total, note)
@@ -143,7 +154,10 @@ class Runner:
             res = Result(Outcome.TIMED_OUT, ErrorCode.ERR_TIMEOUT,
                          f"timed out after {r.timeout:g} s", retryable=True)
         self.running.pop(job.id, None)
-        await self._on_done(r, res, shutdown)
+        try:
+            await self._on_done(r, res, shutdown)
+        finally:
+            r._end()
 
     def _context(self, r: RunningJob) -> RunContext:
         job = r.job
@@ -228,6 +242,7 @@ class Runner:
                      f"did not stop within {self.cancel_grace:g} s after its {what}; abandoned")
         done = self._on_done(r, res, False)
         task = asyncio.get_running_loop().create_task(_as_coro(done))
+        task.add_done_callback(lambda _t: r._end())
         self._followups.add(task)
         task.add_done_callback(self._followups.discard)
 

@@ -23,7 +23,7 @@ from kernel.gpu import FakeGpuProbe, GpuInfo
 from kernel.hookspecs import Action, PluginContext, RunContext, hookimpl
 from kernel.main import build
 from kernel.plugins import load as load_plugins
-from kernel.records import Job, Outcome, RunRecord
+from kernel.records import Job, JobState, Outcome, RunRecord
 from kernel.store.base import Store
 from kernel.store.memory import MemoryStore
 from kernel.store.sqlite import SqliteStore
@@ -432,4 +432,21 @@ async def test_metrics_snapshot_and_tui_agree_on_a_mixed_workload() -> None:
     drawn = con.export_text()
     assert f"total ok {c.succeeded} fail {c.failed} " in drawn
     assert f"skip {c.skipped} cancel {c.cancelled}" in drawn and f"submitted {c.submitted}" in drawn
+    await h.stop()
+
+
+async def test_cancel_of_a_run_that_ignores_it_reports_the_abandonment(
+        stub: StubbornPlugin) -> None:
+    h = harness_with("", [("stubborn", stub)], clock=stub.clock,
+                     parts=KernelParts(cancel_grace=3.0))
+    await h.start()
+    res = await h.kernel.submit(SubmitRequest(action="stubborn"))
+    await h.idle()
+    asking = asyncio.create_task(h.kernel.cancel_and_wait(res.job.id))
+    await h.idle()
+    assert not asking.done()  # it waits for the run to end, on the kernel's clock
+    await h.advance(3)
+    rep = await asking
+    assert (rep.was, rep.ended, rep.outcome, rep.error_code) == (
+        JobState.RUNNING, True, "cancelled", "ERR_ABANDONED")
     await h.stop()

@@ -150,10 +150,17 @@ class JobList(Struct, kw_only=True):
     offset: int
 
 
-class CancelOut(Struct, kw_only=True):
+class CancelOut(Struct, kw_only=True, omit_defaults=True):
+    """``cancelled``: the job will not run (again); for a running one, whether its run ended
+    as cancelled. ``outcome``/``error_code``: how a running job's run really ended (it may
+    have finished first, or been abandoned: ERR_ABANDONED); ``running``: it still goes."""
+
     id: str
     cancelled: bool
     was: JobState
+    outcome: str | None = None
+    error_code: str | None = None
+    running: bool = False
 
 
 class RunOut(Struct, kw_only=True):

@@ -400,8 +400,14 @@ class Api:
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         job_id = request.match_info["id"]
-        job = await self.kernel.cancel(job_id)
-        return _json(s.CancelOut(id=job_id, cancelled=True, was=job.state))
+        rep = await self.kernel.cancel_and_wait(job_id)
+        if rep.was is not JobState.RUNNING:
+            return _json(s.CancelOut(id=job_id, cancelled=True, was=rep.was))
+        return _json(s.CancelOut(
+            id=job_id, was=rep.was, running=not rep.ended, outcome=rep.outcome,
+            error_code=rep.error_code,
+            cancelled=rep.ended and rep.outcome in (Outcome.CANCELLED.value,
+                                                    Outcome.TIMED_OUT.value)))
 
     # ------------------------------------------------------------------ runs
     async def list_runs(self, request: web.Request) -> web.Response:
@@ -606,6 +612,7 @@ async def api_service(kernel: Kernel, *, metrics: Metrics | None = None,
 
     :raises ConfigError: a token is needed and not set, or the address cannot be bound.
     """
+    kernel.expect_api()
     srv = kernel.config.server
     token = api_token(kernel.config, require_token=require_token)
     api = Api(kernel, metrics=metrics, token=token)
@@ -623,7 +630,7 @@ async def api_service(kernel: Kernel, *, metrics: Metrics | None = None,
                 kernel.config.source, "[server].port",
                 f"cannot listen on {srv.host}:{srv.port}: {exc.strerror or exc} (another "
                 "process may use the port; port = 0 picks a free one)")]) from None
-        kernel.api_url = _url(runner, srv.host)
+        kernel.api_listening(_url(runner, srv.host))
         log.info("HTTP API listening on %s%s", kernel.api_url,
                  " (no token required: [server] require_token = false)" if token is None else
                  f" (bearer token required: {token_path(kernel.config.data_dir())})"

@@ -161,6 +161,9 @@ async def test_cancel_a_pending_and_a_running_job(api: Api) -> None:
     assert (await api.call("GET", f"/jobs/{running}")).body["state"] == "running"
     r = await api.call("DELETE", f"/jobs/{running}")
     assert r.body["was"] == "running"
+    # the answer says what really happened: the run stopped and was recorded as cancelled
+    assert (r.body["cancelled"], r.body["outcome"], r.body["error_code"]) == (
+        True, "cancelled", "ERR_CANCELLED"), r.body
     await api.idle()
     outcomes = await api.kernel.store.query_runs(RunQuery(outcome=Outcome.CANCELLED))
     assert {run.job_id for run in outcomes} == {pending, running}
