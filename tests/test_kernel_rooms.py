@@ -450,3 +450,21 @@ async def test_cancel_of_a_run_that_ignores_it_reports_the_abandonment(
     assert (rep.was, rep.ended, rep.outcome, rep.error_code) == (
         JobState.RUNNING, True, "cancelled", "ERR_ABANDONED")
     await h.stop()
+
+
+async def test_kernel_started_names_the_api_address() -> None:
+    import functools
+
+    from kernel.api.server import api_service
+    from kernel.events import KernelStarted
+
+    h = make_harness("""
+        [server]
+        host = "127.0.0.1"
+        port = 0
+        """, parts=KernelParts(services=[functools.partial(api_service, require_token=False)]))
+    await h.start()
+    (ev,) = [e for e in h.events if isinstance(e, KernelStarted)]
+    assert ev.api_url is not None and ev.api_url.startswith("http://127.0.0.1:")
+    assert ev.api_url == h.kernel.api_url
+    await h.stop()
