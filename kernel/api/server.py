@@ -190,7 +190,6 @@ class Api:
         self.max_body = srv.max_body_bytes
         self.read_timeout = secs(srv.read_timeout) or None
         self.write_timeout = secs(srv.write_timeout) or None
-        self._tasks_lock = asyncio.Lock()
         self._openapi: bytes | None = None
         self.reloads: collections.deque[s.ReloadOut] = collections.deque(maxlen=RELOADS_KEPT)
 
@@ -470,47 +469,53 @@ class Api:
             raise ConfigError(issues or source)
         return cfg.tasks[0]
 
-    async def _apply(self, tasks: list[TaskConfig], source: str,
+    async def _apply(self, edit: Callable[[list[TaskConfig]], list[TaskConfig]], source: str,
                      task_id: str) -> s.TaskChanged:
-        cfg = msgspec.structs.replace(self.kernel.config, tasks=tasks, source=source)
-        issues = validate(cfg, self.kernel.plugins)
-        if issues:
-            raise ConfigError(issues)
-        ev = await self.kernel.reload(cfg, "api")
+        """One task change, through the kernel's one lock for task changes (the config file's
+        reloads take it too): ``edit`` sees the task list as it is under that lock."""
+
+        def check(cfg: Config) -> None:
+            errors = [i for i in validate(msgspec.structs.replace(cfg, source=source),
+                                          self.kernel.plugins) if i.severity == "error"]
+            if errors:
+                raise ConfigError(errors)
+
+        ev = await self.kernel.edit_tasks(edit, "api", check)
         return s.TaskChanged(task=self._task_out(task_id), added=ev.added, removed=ev.removed,
                              changed=ev.changed)
 
     async def add_task(self, request: web.Request) -> web.Response:
         tc = await self._task_body(request, None)
-        async with self._tasks_lock:
-            current = list(self.kernel.config.tasks)
+
+        def add(current: list[TaskConfig]) -> list[TaskConfig]:
             if any(t.id == tc.id for t in current):
                 raise RequestError(f"task {tc.id!r} exists already; replace it with PUT "
                                    f"/tasks/{tc.id}", field="id", status=409,
                                    code=ErrorCode.ERR_CONFIG_INVALID)
-            out = await self._apply([*current, tc], "POST /tasks", tc.id)
-        return _json(out, 201)
+            return [*current, tc]
+
+        return _json(await self._apply(add, "POST /tasks", tc.id), 201)
 
     async def replace_task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["id"]
         tc = await self._task_body(request, task_id)
-        async with self._tasks_lock:
-            current = list(self.kernel.config.tasks)
+
+        def replace(current: list[TaskConfig]) -> list[TaskConfig]:
             if not any(t.id == task_id for t in current):
                 raise NotFound(f"no task {task_id!r} (add it with POST /tasks)")
-            out = await self._apply([tc if t.id == task_id else t for t in current],
-                                    f"PUT /tasks/{task_id}", task_id)
-        return _json(out)
+            return [tc if t.id == task_id else t for t in current]
+
+        return _json(await self._apply(replace, f"PUT /tasks/{task_id}", task_id))
 
     async def delete_task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["id"]
-        async with self._tasks_lock:
-            current = list(self.kernel.config.tasks)
+
+        def delete(current: list[TaskConfig]) -> list[TaskConfig]:
             if not any(t.id == task_id for t in current):
                 raise NotFound(f"no task {task_id!r}")
-            out = await self._apply([t for t in current if t.id != task_id],
-                                    f"DELETE /tasks/{task_id}", task_id)
-        return _json(out)
+            return [t for t in current if t.id != task_id]
+
+        return _json(await self._apply(delete, f"DELETE /tasks/{task_id}", task_id))
 
     async def pause_task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["id"]

@@ -137,3 +137,44 @@ async def test_delete_a_task(api: Api) -> None:
     assert (await api.call("DELETE", "/tasks/tick")).status == 404
     await api.advance(120)
     assert api.h.rec.calls == []
+
+
+async def test_an_api_task_change_during_a_file_reload_sees_the_reloaded_tasks(
+        api: Api) -> None:
+    """Task changes from the API and from the config file go through one kernel lock: a POST
+    that arrives while a reload is applying builds on the reloaded task list (it used to read
+    the list before the reload, and its change undid the reload's)."""
+    import asyncio
+    from typing import Any
+
+    import msgspec
+
+    from kernel.config import TaskConfig
+
+    k = api.kernel
+    gate = asyncio.Event()
+    states = k.store.schedule_states
+
+    async def slow_states() -> Any:  # the reload is held mid-way, inside the lock
+        await gate.wait()
+        return await states()
+
+    k.store.schedule_states = slow_states  # type: ignore[method-assign]
+    with_file_task = msgspec.structs.replace(k.config, tasks=[
+        *k.config.tasks, TaskConfig(id="from_file", action="rec", schedule="@every 90s")])
+    reload = asyncio.create_task(k.reload(with_file_task, "file change"))
+    post = asyncio.create_task(api.call("POST", "/tasks", {"id": "fresh", "action": "rec",
+                                                           "schedule": "@every 30s"}))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while not getattr(k._lock, "_waiters", None):  # the POST waits for the kernel's lock
+        assert loop.time() < end, "the POST never reached the kernel"
+        await asyncio.sleep(0.01)
+    gate.set()
+    await reload
+    r = await post
+    k.store.schedule_states = states  # type: ignore[method-assign]
+    assert r.status == 201, r
+    want = ["after_tick", "fresh", "from_file", "tick"]
+    assert sorted(t.id for t in k.config.tasks) == want
+    assert sorted(t.id for t in k.snapshot().tasks) == want
