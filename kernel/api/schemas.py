@@ -226,6 +226,7 @@ class HealthOut(Struct, kw_only=True):
     loop: str
     store_ok: bool
     store: dict[str, Any] | UnsetType = UNSET  # details only for an authorised caller
+    unsaved: int = 0  # run outcomes the store refused, kept in memory and written again
 
 
 class ReloadOut(Struct, kw_only=True):
@@ -239,6 +240,15 @@ class ReloadOut(Struct, kw_only=True):
     error: str | None = None
 
 
+class StallOut(Struct, kw_only=True):
+    """The last time the event loop stalled (kernel.looplag), and the runs in flight then."""
+
+    at: float
+    lag: float
+    job_ids: list[str]
+    task_ids: list[str]
+
+
 class SnapshotOut(Struct, kw_only=True):
     """``GET /snapshot``: the shape the TUI polls (``kernel.tui.TuiView``); keep it stable."""
 
@@ -246,6 +256,7 @@ class SnapshotOut(Struct, kw_only=True):
     recent_runs: list[RunRecord]
     api_version: int = API_VERSION
     reloads: list[ReloadOut] = msgspec.field(default_factory=list)  # newest first
+    last_stall: StallOut | None = None
 
 
 class Issue(Struct, kw_only=True):

@@ -49,7 +49,7 @@ from kernel.errors import (
     KernelError,
     NotFound,
 )
-from kernel.events import ConfigReloaded, Event
+from kernel.events import ConfigReloaded, Event, LoopStalled
 from kernel.records import JobState, Outcome, RunQuery
 from kernel.validate import validate
 
@@ -191,11 +191,16 @@ class Api:
         self.read_timeout = secs(srv.read_timeout) or None
         self.write_timeout = secs(srv.write_timeout) or None
         self._openapi: bytes | None = None
+        self.last_stall: s.StallOut | None = None
         self.reloads: collections.deque[s.ReloadOut] = collections.deque(maxlen=RELOADS_KEPT)
 
     def observe(self, event: Event) -> None:
-        """Event-bus subscriber: remember the recent configuration changes for the TUI."""
-        if isinstance(event, ConfigReloaded):
+        """Event-bus subscriber: remember the recent configuration changes and the last loop
+        stall for the TUI."""
+        if isinstance(event, LoopStalled):
+            self.last_stall = s.StallOut(at=event.at, lag=event.lag, job_ids=list(event.job_ids),
+                                         task_ids=list(event.task_ids))
+        elif isinstance(event, ConfigReloaded):
             self.reloads.appendleft(s.ReloadOut(
                 at=event.at, source=event.source, added=list(event.added),
                 removed=list(event.removed), changed=list(event.changed), error=event.error))
@@ -554,7 +559,7 @@ class Api:
         accepting = self.kernel.accepting
         ok = store_ok and accepting
         out = s.HealthOut(status="ok" if ok else "unavailable", accepting=accepting, loop="ok",
-                          store_ok=store_ok)
+                          store_ok=store_ok, unsaved=self.kernel.unsaved)
         if self._authorised(request):
             out.store = health
         return _json(out, 200 if ok else 503)
@@ -568,7 +573,8 @@ class Api:
     async def snapshot(self, request: web.Request) -> web.Response:
         snap = self.kernel.snapshot()
         runs = await self.kernel.store.query_runs(RunQuery(limit=20))
-        return _json(s.SnapshotOut(snapshot=snap, recent_runs=runs, reloads=list(self.reloads)))
+        return _json(s.SnapshotOut(snapshot=snap, recent_runs=runs, reloads=list(self.reloads),
+                                   last_stall=self.last_stall))
 
     async def openapi(self, request: web.Request) -> web.Response:
         if self._openapi is None:

@@ -22,7 +22,7 @@ from kernel.store.sqlite import SqliteStore
 from kernel.tui import decode_view
 
 from ..harness import make_harness
-from .conftest import CONFIG, Api, serve
+from .conftest import CONFIG, T0, Api, serve
 
 
 async def test_healthz(api: Api) -> None:
@@ -220,3 +220,14 @@ async def test_a_read_that_hangs_is_503_after_write_timeout() -> None:
         assert r.status == 503 and r.error["code"] == "ERR_STORE_UNAVAILABLE", r
         assert "write_timeout" in r.error["message"]
         assert (await api.call("POST", "/jobs", {"action": "rec", "delay": 1})).status == 201
+
+
+async def test_the_snapshot_carries_the_last_loop_stall_and_health_the_unsaved(
+        api: Api) -> None:
+    from kernel.events import LoopStalled
+
+    api.kernel.bus.publish(LoopStalled(at=T0, lag=1.5, job_ids=("j1",), task_ids=("t1",)))
+    r = await api.call("GET", "/snapshot")
+    assert r.body["last_stall"] == {"at": T0, "lag": 1.5, "job_ids": ["j1"], "task_ids": ["t1"]}
+    h = await api.call("GET", "/healthz")
+    assert h.body["unsaved"] == 0
