@@ -237,3 +237,41 @@ async def test_python_target_calling_sys_exit_does_not_stop_the_kernel() -> None
     assert (await h.runs())[1].outcome is Outcome.SUCCEEDED
     assert h.task is not None and not h.task.done()  # the kernel is still running
     await h.stop()
+
+
+TERM_THEN = r"""
+import os, signal, sys
+out = sys.argv[1]
+def on_term(signum, frame):
+    with open(out, "a") as f:
+        f.write("TERM\n")   # noted, then ignored: only SIGKILL ends this process
+signal.signal(signal.SIGTERM, on_term)
+with open(out, "a") as f:
+    f.write(f"START {os.getpid()}\n")
+while True:
+    signal.pause()
+"""
+
+
+@pytest.mark.slow
+async def test_a_timed_out_child_gets_sigterm_first_then_sigkill(tmp_path: Path) -> None:
+    h = make_harness("")
+    await h.start()
+    out = tmp_path / "signals"
+    await h.kernel.submit(SubmitRequest(action="exec", timeout=5, payload={
+        "argv": [sys.executable, "-c", TERM_THEN, str(out)], "grace": 0.2}))
+
+    async def started() -> bool:
+        return out.exists() and out.read_text().startswith("START")
+    await wait_for(started, "the child to start")
+    pid = int(out.read_text().split()[1])
+    await h.advance(5)
+    run = await one_run(h)
+    assert run.outcome is Outcome.TIMED_OUT
+
+    async def gone() -> bool:
+        return not alive(pid)
+    await wait_for(gone, "the child to be killed")
+    # it saw SIGTERM (and survived it), so the kill that ended it came after: SIGKILL
+    assert out.read_text().splitlines()[1:] == ["TERM"]
+    await h.stop()
