@@ -170,13 +170,16 @@ async def test_sigkill_one_of_three_kernels_under_load(tmp_path: Path, pg_cluste
             await until(lambda: any(ln[1] == held for ln in lines(out)), 30, "the held run")
             boxes[0].kill()
             killed = time.monotonic()
+            killed_wall = time.time()
             hold.touch()  # held runs elsewhere may end now; the one on k0 died with it
             await until(lambda: any(ln[0] == "E" and ln[1] == held for ln in lines(out)), 25,
                         "the held job to be rescued and run elsewhere")
             assert time.monotonic() - killed < 20
             await until(lambda: {ln[1] for ln in lines(out) if ln[0] == "E"} >= set(acked), 30,
                         "every acknowledged job to end")
-            await asyncio.sleep(1.5)  # let cron instants after the kill pass on the others
+            await until(lambda: any(ln[0] == "E" and ln[2] == "beat"
+                                    and float(ln[3]) >= killed_wall + 1 for ln in lines(out)),
+                        20, "cron instants after the kill to run on the others")
     finally:
         hold.touch()
         for b in boxes:
