@@ -41,7 +41,6 @@ from .errors import (
     ShuttingDown,
     StoreError,
     SubmitError,
-    Superseded,
 )
 from .events import (
     ConfigReloaded,
@@ -57,13 +56,13 @@ from .events import (
 )
 from .fleet import FleetMember, FleetSettings, FleetStore
 from .gpu import GpuGate, GpuProbe, NvmlProbe
+from .journal import Journal
 from .plugins import PluginSet
 from .records import (
     Job,
     JobState,
     Outcome,
     RunQuery,
-    RunRecord,
     ScheduleState,
     SubmitResult,
 )
@@ -83,8 +82,6 @@ log = logging.getLogger("kernel")
 
 MAINTENANCE_EVERY = 60.0
 FIRE_CHUNK = 1024  # occurrences made durable and offered per store round trip
-SAVE_RETRY_FIRST = 0.5   # seconds before a failed finish write is tried again (doubling)
-SAVE_RETRY_MAX = 30.0
 API_BIND_WAIT = 10.0  # seconds KernelStarted waits for the API to be bound
 RECOVERY_REPORT_EVERY = 1.0  # seconds between progress lines while re-arming a large store
 
@@ -109,16 +106,6 @@ class CancelReport:
     ended: bool
     outcome: str | None = None
     error_code: str | None = None
-
-
-@dataclass(slots=True)
-class _Unsaved:
-    """A finish the store refused (disk full, I/O error): kept and written again later."""
-
-    job_id: str
-    run: RunRecord
-    follow: list[Job]
-    tries: int = 1
 
 
 class Kernel:
@@ -163,8 +150,6 @@ class Kernel:
         self._stopping = False
         self._serving = False
         self._followups: set[asyncio.Task[None]] = set()
-        self._unsaved: list[_Unsaved] = []
-        self._unsaved_wake = asyncio.Event()
         self._api_bound: asyncio.Event | None = None
         self.fleet: FleetMember | None = None
         if isinstance(store, FleetStore):  # several kernels share this store: see fleet.py
@@ -173,6 +158,7 @@ class Kernel:
                 on_fenced=self._fenced, on_pauses=self._follow_pauses,
                 max_gpu_memory_mb=self._gpu_capacity, gpu_held=self._gpu_held,
                 drop_queued=lambda ids: self._dispatcher.remove_many(set(ids)))
+        self.journal = Journal(store, clock, fleet=self.fleet, on_failed=self._store_failed)
 
     # ================================================================ lifecycle
     async def run(self, *, started: asyncio.Event | None = None) -> None:
@@ -213,7 +199,7 @@ class Kernel:
                 service_tasks.append(services.create_task(
                     self._guarded(type(sub).__name__, sub.run())))
             service_tasks.append(services.create_task(self._maintenance()))
-            service_tasks.append(services.create_task(self._save_unsaved()))
+            service_tasks.append(services.create_task(self.journal.keep_saving()))
             if self.fleet is not None:
                 service_tasks.append(services.create_task(self.fleet.heartbeats()))
                 service_tasks.append(services.create_task(self.fleet.claims()))
@@ -239,7 +225,7 @@ class Kernel:
                 log.error("%d run(s) ignored their cancellation and were abandoned; they are "
                           "run again at the next start", len(stuck))
             await self._settle_followups()
-            await self._flush_unsaved()
+            await self.journal.flush()
             for t in service_tasks:
                 t.cancel()
         if self.fleet is not None:
@@ -362,43 +348,16 @@ class Kernel:
             self._store_failed(exc)
 
     async def _fire(self, occ: list[tuple[TaskRuntime, float]], *, overlap: bool) -> None:
-        """Turn occurrences into durable CRON jobs (one batch) and offer them."""
+        """Turn occurrences into durable CRON jobs (one batch) and offer the ones to run here."""
         wall = self.clock.wall()
         jobs = self.timetable.occurrence_jobs(occ, wall)
         if not jobs:
             return
-        if self.fleet is not None:
-            await self._fire_fleet(jobs, wall, overlap)
-            return
-        try:
-            results = await self.store.submit(jobs, wall)
-        except StoreError as exc:
-            # keep serving: run the occurrences from memory (they will not survive a crash)
-            self._store_failed(exc)
-            results = [SubmitResult(job=j) for j in jobs]
+        run_here = await self.journal.occurrences(jobs, wall)
         now_mono = self.clock.monotonic()
-        for res in results:
-            if not res.existed:
-                self._submitted(res.job, wall)
-                self._offer(res.job, now_mono, occurrence=overlap)
-
-    async def _fire_fleet(self, jobs: list[Job], wall: float, overlap: bool) -> None:
-        """Each occurrence runs once fleet-wide: only the ones this kernel won run here. When
-        the database cannot be reached, none runs (running them from memory would run them on
-        every box)."""
-        assert self.fleet is not None
-        try:
-            won = await self.fleet.store.fire(jobs, wall, owner=self.fleet.id,
-                                              claim_before=self.fleet.claim_before(wall))
-        except StoreError as exc:
-            self._store_failed(exc)
-            log.error("%d cron occurrence(s) not fired: the fleet's database failed", len(jobs))
-            return
-        now_mono = self.clock.monotonic()
-        for job, mine in zip(jobs, won, strict=True):
-            if mine:
-                self._submitted(job, wall)
-                self._offer(job, now_mono, occurrence=overlap)
+        for job in run_here:
+            self._submitted(job, wall)
+            self._offer(job, now_mono, occurrence=overlap)
 
     def _offer(self, job: Job, now_mono: float, *, occurrence: bool = False) -> None:
         decision = self._dispatcher.offer(job, now_mono, occurrence=occurrence,
@@ -460,17 +419,7 @@ class Kernel:
     # ================================================================ one run
     async def _run_started(self, r: RunningJob) -> None:
         job = r.job
-        if self.fleet is not None:
-            owned = await self.fleet.store.mark_running_owned(
-                self.fleet.id, job.id, r.started_wall, job.attempt)
-            if not owned:
-                raise Superseded(f"job {job.id} is no longer this kernel's (rescued by another "
-                                 "or cancelled); not started")
-        else:
-            try:
-                await self.store.mark_running(job.id, r.started_wall, job.attempt)
-            except StoreError as exc:
-                self._store_failed(exc)
+        await self.journal.started(job, r.started_wall)
         self.bus.publish(RunStarted(
             at=r.started_wall, job_id=job.id, task_id=job.task_id, action=job.action,
             trace_id=job.trace_id, span_id=r.span_id, attempt=job.attempt,
@@ -495,7 +444,7 @@ class Kernel:
             job, span, res, started=started, now=self.clock.wall(), duration=duration,
             retry=rt.cfg.retry if rt is not None else None, rng=self._rng, new_id=ids.job_id,
             dependents=tt.dependent_jobs)
-        owned = await self._save_finish(job.id, s.run, s.follow)
+        owned = await self.journal.finished(job.id, s.run, s.follow)
         self._dispatcher.finished(job)
         if not owned:  # fleet: the job was rescued meanwhile; its new owner decides what follows
             log.warning("the outcome of job %s is recorded as superseded: another kernel "
@@ -519,29 +468,10 @@ class Kernel:
             await self._skip_dependent(dep, job)
         self._pump_soon()
 
-    async def _finish_write(self, job_id: str, run: RunRecord, follow: list[Job]) -> bool:
-        if self.fleet is not None:
-            return await self.fleet.store.finish_owned(self.fleet.id, job_id, run, follow)
-        await self.store.finish(job_id, run, follow)
-        return True
-
-    async def _save_finish(self, job_id: str, run: RunRecord, follow: list[Job]) -> bool:
-        """Record an outcome; False in fleet mode when the job is another kernel's now."""
-        try:
-            return await self._finish_write(job_id, run, follow)
-        except StoreError as exc:
-            self._store_failed(exc)
-            log.error("the outcome of job %s (%s) is kept in memory and written again until "
-                      "the store takes it; if the kernel stops first, the job is run again at "
-                      "the next start (recovered)", job_id, run.outcome.value)
-            self._unsaved.append(_Unsaved(job_id, run, list(follow)))
-            self._unsaved_wake.set()
-            return True
-
     async def _skip_dependent(self, dep: Job, upstream: Job) -> None:
         """Record ``dep`` as skipped because ``upstream`` failed (and its dependents, in turn)."""
         try:
-            await self._store_new([dep], self.clock.wall(), claim_all=True)
+            await self.journal.new_jobs([dep], self.clock.wall(), claim_all=True)
         except StoreError as exc:
             self._store_failed(exc)
         self._submitted(dep, self.clock.wall())
@@ -554,7 +484,7 @@ class Kernel:
 
     async def _record_unrun(self, job: Job, res: Result) -> None:
         run = completion.record(job, ids.span_id(), res, None, self.clock.wall())
-        await self._save_finish(job.id, run, [])
+        await self.journal.finished(job.id, run, [])
         self.bus.publish(completion.event_for(run, 0.0))
 
     def _follow_up(self, work: Coroutine[Any, Any, None]) -> None:
@@ -566,39 +496,10 @@ class Kernel:
         while self._followups:
             await asyncio.wait(list(self._followups))
 
-    async def _save_unsaved(self) -> None:
-        """A service: write again the finishes the store refused, with backoff."""
-        delay = SAVE_RETRY_FIRST
-        while True:
-            if not self._unsaved:
-                self._unsaved_wake.clear()
-                await self._unsaved_wake.wait()
-                delay = SAVE_RETRY_FIRST
-                continue
-            await self.clock.sleep(delay)
-            if await self._flush_unsaved():
-                delay = SAVE_RETRY_FIRST
-            else:
-                delay = min(delay * 2, SAVE_RETRY_MAX)
-
-    async def _flush_unsaved(self) -> bool:
-        while self._unsaved:
-            u = self._unsaved[0]
-            try:
-                await self._finish_write(u.job_id, u.run, u.follow)
-            except StoreError as exc:
-                u.tries += 1
-                log.warning("writing the outcome of job %s failed again (try %d): [%s] %s",
-                            u.job_id, u.tries, exc.code, exc)
-                return False
-            self._unsaved.pop(0)
-            log.info("the outcome of job %s is stored now (after %d tries)", u.job_id, u.tries)
-        return True
-
     @property
     def unsaved(self) -> int:
         """Outcomes the store has not taken yet (kept in memory, written again with backoff)."""
-        return len(self._unsaved)
+        return self.journal.unsaved
 
     # ================================================================ public API
     async def submit(self, req: SubmitRequest) -> SubmitResult:
@@ -626,22 +527,9 @@ class Kernel:
             raise QueueFull(
                 f"the ready queue is full ({self._dispatcher.queued} of "
                 f"{self.config.scheduler.queue_depth} waiting); nothing was stored")
-        results, mine = await self._store_new(jobs, wall)
+        results, mine = await self.journal.new_jobs(jobs, wall)
         self._accept(results, mine)
         return results
-
-    async def _store_new(self, jobs: list[Job], wall: float, *, claim_all: bool = False
-                         ) -> tuple[list[SubmitResult], list[Job]]:
-        """Store new jobs (acknowledged after commit); the jobs this kernel holds now. In a
-        fleet, only those due within the claim horizon (or all, ``claim_all``) are claimed at
-        insert; the others wait in the database for whichever kernel claims them."""
-        if self.fleet is None:
-            results = await self.store.submit(jobs, wall)
-            return results, [r.job for r in results if not r.existed]
-        before = math.inf if claim_all else self.fleet.claim_before(wall)
-        results, owned = await self.fleet.store.submit_claimed(jobs, wall, self.fleet.id, before)
-        return results, [r.job for r, o in zip(results, owned, strict=True)
-                         if o and not r.existed]
 
     def _accept(self, results: list[SubmitResult], mine: list[Job]) -> None:
         """Jobs just made durable: every new one is announced; of those this kernel holds, due
@@ -763,7 +651,7 @@ class Kernel:
             raise ShuttingDown("the kernel is not accepting jobs (starting or stopping)")
         if not jobs:
             return []
-        results, mine = await self._store_new(jobs, self.clock.wall())
+        results, mine = await self.journal.new_jobs(jobs, self.clock.wall())
         self._accept(results, mine)
         return [r.job for r in results]
 
@@ -856,7 +744,7 @@ class Kernel:
                             QueuedView(j.id, j.task_id, j.action, j.priority, d.held_reason(j.id))
                             for j in d.queued_jobs()[:50]),
                         kernel_id=self.fleet.id if self.fleet else None,
-                        fleet=self.fleet.members if self.fleet else (), unsaved=len(self._unsaved))
+                        fleet=self.fleet.members if self.fleet else (), unsaved=self.journal.unsaved)
 
     @property
     def dispatcher(self) -> Dispatcher:
