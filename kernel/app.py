@@ -21,6 +21,7 @@ import asyncio
 import logging
 import math
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,7 @@ from .events import (
     RunStarted,
     StoreFailed,
 )
-from .fleet import FleetMember, FleetSettings, FleetStore
+from .fleet import FleetMember, FleetStore, settings_from
 from .gpu import GpuGate, GpuProbe, NvmlProbe
 from .journal import Journal
 from .plugins import PluginSet
@@ -154,7 +155,7 @@ class Kernel:
         self.fleet: FleetMember | None = None
         if isinstance(store, FleetStore):  # several kernels share this store: see fleet.py
             self.fleet = FleetMember(
-                store, clock, fleet_settings(config), on_claimed=self._claimed,
+                store, clock, settings_from(config.fleet), on_claimed=self._claimed,
                 on_fenced=self._fenced, on_pauses=self._follow_pauses,
                 max_gpu_memory_mb=self._gpu_capacity, gpu_held=self._gpu_held,
                 drop_queued=lambda ids: self._dispatcher.remove_many(set(ids)))
@@ -710,27 +711,8 @@ class Kernel:
         return ev
 
     def snapshot(self) -> Snapshot:
-        mono = self.clock.monotonic()
-        running = self.runner.running
-        running_by_task: dict[str, int] = {}
-        for r in running.values():
-            if r.job.task_id:
-                running_by_task[r.job.task_id] = running_by_task.get(r.job.task_id, 0) + 1
-        tasks = tuple(
-            TaskView(id=rt.cfg.id, action=rt.cfg.action, schedule=rt.cfg.schedule,
-                     tz=rt.tz, enabled=rt.cfg.enabled, paused=rt.paused, next_due=rt.next_due,
-                     last_outcome=rt.last_outcome, last_error_code=rt.last_error_code,
-                     last_finished_at=rt.last_finished_at, after=tuple(rt.cfg.after),
-                     running=running_by_task.get(rt.cfg.id, 0))
-            for rt in self.timetable.tasks.values())
-        runs = tuple(
-            RunningView(job_id=r.job.id, task_id=r.job.task_id, action=r.job.action,
-                        trace_id=r.job.trace_id, attempt=r.job.attempt,
-                        elapsed=mono - r.started_mono, timeout=r.timeout,
-                        done=r.progress[0] if r.progress else None,
-                        total=r.progress[1] if r.progress else None,
-                        note=r.progress[2] if r.progress else "")
-            for r in running.values())
+        runs = self.runner.views(self.clock.monotonic())
+        tasks = self.timetable.views(Counter(r.task_id for r in runs if r.task_id))
         gpus = tuple(GpuView(c.index, c.name, c.total_mb, c.free_mb, reserved,
                              c.utilization_pct) for c, reserved in self.gpu.views())
         d = self._dispatcher
@@ -802,19 +784,3 @@ class Kernel:
                 await self.store.purge_dedup(now)
             except StoreError as exc:
                 self._store_failed(exc)
-
-
-def fleet_settings(config: Config) -> FleetSettings:
-    """``[fleet]`` of the configuration (defaults where the section or a field is absent)."""
-    f = getattr(config, "fleet", None)
-    if f is None:
-        return FleetSettings()
-    d = FleetSettings()
-
-    def dur(name: str, default: float) -> float:
-        v = getattr(f, name, None)
-        return default if v is None else (secs(v) or default)
-
-    return FleetSettings(heartbeat=dur("heartbeat", d.heartbeat), ttl=dur("ttl", d.ttl),
-                         horizon=dur("claim_horizon", d.horizon),
-                         batch=int(getattr(f, "claim_batch", d.batch)))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .clock import Clock
+from .config import FleetSection, secs
 from .errors import StoreError
 from .records import Job, RunRecord, ScheduleState, SubmitResult
 
@@ -73,6 +74,15 @@ class MemberView:
     pid: int
     heartbeat_age: float
     me: bool
+
+
+def settings_from(section: FleetSection) -> FleetSettings:
+    """``[fleet]`` of the configuration, in seconds."""
+    d = FleetSettings()
+    return FleetSettings(heartbeat=secs(section.heartbeat) or d.heartbeat,
+                         ttl=secs(section.ttl) or d.ttl,
+                         horizon=secs(section.claim_horizon) or d.horizon,
+                         batch=section.claim_batch)
 
 
 def new_kernel_id() -> str:

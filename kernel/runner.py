@@ -31,6 +31,7 @@ from .errors import ErrorCode
 from .hookspecs import RunContext
 from .plugins import PluginSet
 from .records import Job, JobState, Outcome
+from .snapshot import RunningView
 from .timers import Timers
 
 log = logging.getLogger("kernel.runner")
@@ -298,6 +299,17 @@ class Runner:
             finally:
                 waiter.cancel()
             await asyncio.sleep(0)
+
+    def views(self, now_mono: float) -> tuple[RunningView, ...]:
+        """The running jobs, for the snapshot."""
+        return tuple(
+            RunningView(job_id=r.job.id, task_id=r.job.task_id, action=r.job.action,
+                        trace_id=r.job.trace_id, attempt=r.job.attempt,
+                        elapsed=now_mono - r.started_mono, timeout=r.timeout,
+                        done=r.progress[0] if r.progress else None,
+                        total=r.progress[1] if r.progress else None,
+                        note=r.progress[2] if r.progress else "")
+            for r in self.running.values())
 
     def __repr__(self) -> str:
         return f"<Runner running={len(self.running)} abandoned={self.abandoned}>"

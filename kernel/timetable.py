@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from .dispatch import TaskRules
 from .errors import BadPayload, NotFound
 from .misfire import plan_misfires
 from .records import Job, JobKind, MisfireRecord, ScheduleState
+from .snapshot import TaskView
 from .timers import Tick, Timers
 from .triggers import Schedule, ScheduleCache
 
@@ -367,6 +368,16 @@ class Timetable:
         return ReloadDiff(added=sorted(set(n) - set(o)), removed=sorted(set(o) - set(n)),
                           changed=sorted(k for k in both if o[k] != n[k] or k in fresh),
                           new_timetable=fresh)
+
+    def views(self, running: Mapping[str, int]) -> tuple[TaskView, ...]:
+        """The tasks, for the snapshot (``running``: runs in flight per task)."""
+        return tuple(
+            TaskView(id=rt.cfg.id, action=rt.cfg.action, schedule=rt.cfg.schedule,
+                     tz=rt.tz, enabled=rt.cfg.enabled, paused=rt.paused, next_due=rt.next_due,
+                     last_outcome=rt.last_outcome, last_error_code=rt.last_error_code,
+                     last_finished_at=rt.last_finished_at, after=tuple(rt.cfg.after),
+                     running=running.get(rt.cfg.id, 0))
+            for rt in self.tasks.values())
 
     def stop(self) -> None:
         self.stopped = True
