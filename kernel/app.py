@@ -42,6 +42,7 @@ from .errors import (
     ShuttingDown,
     StoreError,
     SubmitError,
+    Superseded,
 )
 from .events import (
     ConfigReloaded,
@@ -57,7 +58,7 @@ from .events import (
 )
 from .fleet import FleetMember, FleetStore, settings_from
 from .gpu import GpuGate, GpuProbe, NvmlProbe
-from .journal import Journal
+from .journal import SAVED, SUPERSEDED, Journal
 from .plugins import PluginSet
 from .records import (
     Job,
@@ -239,6 +240,8 @@ class Kernel:
         self._stopping = True
         self._accepting = False
         self.timetable.stopped = True
+        if self.fleet is not None:
+            self.fleet.stopping = True
         self.bus.publish(KernelStopping(at=self.clock.wall(), reason=reason))
         self.timers.wake()
 
@@ -301,9 +304,7 @@ class Kernel:
                 assert isinstance(r, RunningJob)
                 self.runner.expired(r)
             if due.jobs:
-                now_mono = self.clock.monotonic()
-                for job in due.jobs:
-                    self._offer(job, now_mono)
+                self._hold(due.jobs)
             if due.ticks:
                 await self._on_ticks(due.ticks)
             self._pump()
@@ -420,7 +421,12 @@ class Kernel:
     # ================================================================ one run
     async def _run_started(self, r: RunningJob) -> None:
         job = r.job
-        await self.journal.started(job, r.started_wall)
+        r.owner = self.fleet.id if self.fleet is not None else None
+        try:
+            await self.journal.started(job, r.started_wall, r.owner)
+        except (Superseded, StoreError):
+            r.start_failed = True  # the action does not start: _run_done decides what next
+            raise
         self.bus.publish(RunStarted(
             at=r.started_wall, job_id=job.id, task_id=job.task_id, action=job.action,
             trace_id=job.trace_id, span_id=r.span_id, attempt=job.attempt,
@@ -430,24 +436,42 @@ class Kernel:
     async def _run_done(self, r: RunningJob, res: Result, shutdown: bool) -> None:
         job = r.job
         duration = self.clock.monotonic() - r.started_mono
+        if r.start_failed:  # fleet: never started; not ours any more, or try again shortly
+            self._dispatcher.finished(job)
+            if res.code is not ErrorCode.ERR_SUPERSEDED:
+                log.warning("could not check the ownership of job %s (%s): held again for 1 s",
+                            job.id, res.detail)
+                job.state = JobState.PENDING
+                job.due_at = self.clock.wall() + 1.0
+                self.timers.arm_job(job)
+            self._pump_soon()
+            return
         if shutdown:  # stays RUNNING in the store: run again (recovered) at the next start
             self._dispatcher.finished(job)
             self.bus.publish(RunCancelled(at=self.clock.wall(), run=completion.record(
                 job, r.span_id, res, r.started_wall, self.clock.wall()), duration=duration))
             return
-        await self._settle(job, r.span_id, res, r.started_wall, duration)
+        await self._settle(job, r.span_id, res, r.started_wall, duration, owner=r.owner)
 
     async def _settle(self, job: Job, span: str, res: Result, started: float | None,
-                      duration: float) -> None:
+                      duration: float, *, owner: str | None = None) -> None:
         tt = self.timetable
         rt = tt.tasks.get(job.task_id) if job.task_id else None
         s = completion.settle(
             job, span, res, started=started, now=self.clock.wall(), duration=duration,
             retry=rt.cfg.retry if rt is not None else None, rng=self._rng, new_id=ids.job_id,
             dependents=tt.dependent_jobs)
-        owned = await self.journal.finished(job.id, s.run, s.follow)
+        follow = s.follow
+
+        def arm() -> None:  # follow-ups run only once the outcome that made them is durable
+            if self.fleet is None:  # in a fleet they wait in the database for whoever claims
+                self.timers.arm_jobs(follow)
+            else:
+                self.fleet.wake()
+
+        saved = await self.journal.finished(job.id, s.run, follow, owner=owner, on_saved=arm)
         self._dispatcher.finished(job)
-        if not owned:  # fleet: the job was rescued meanwhile; its new owner decides what follows
+        if saved == SUPERSEDED:  # fleet: the job was rescued meanwhile; its new owner decides
             log.warning("the outcome of job %s is recorded as superseded: another kernel "
                         "owns it now; its follow-ups are dropped here", job.id)
             self.bus.publish(s.event)
@@ -461,10 +485,8 @@ class Kernel:
         for j in s.follow:
             self._submitted(j, wall)
         self.bus.publish(s.event)
-        if self.fleet is None:  # in a fleet they wait in the database for whoever claims them
-            self.timers.arm_jobs(s.follow)
-        else:
-            self.fleet.wake()
+        if saved == SAVED:
+            arm()
         for dep in s.skipped:
             await self._skip_dependent(dep, job)
         self._pump_soon()
@@ -542,14 +564,23 @@ class Kernel:
         self._hold(mine)
 
     def _claimed(self, jobs: list[Job]) -> None:
-        """Jobs the fleet member claimed (submitted elsewhere, rescued, follow-ups)."""
+        """Jobs the fleet member claimed (submitted elsewhere, rescued, follow-ups). A job
+        still running here (this kernel was fenced and its own job rescued back to it) is not
+        held twice: its run goes on, and its outcome is recorded as superseded."""
         self._hold(jobs)
 
     def _hold(self, jobs: list[Job]) -> None:
+        """Due jobs to the ready queue, later ones to the timers. A job whose id still runs
+        here (fleet: this kernel was fenced and its own job came back to it) waits until that
+        run ends: the running table holds one run per job."""
         wall = self.clock.wall()
         mono = self.clock.monotonic()
+        running = self.runner.running
         for job in jobs:
-            if job.due_at <= wall:
+            if job.id in running:
+                job.due_at = max(job.due_at, wall + 1.0)
+                self.timers.arm_job(job)
+            elif job.due_at <= wall:
                 self._offer(job, mono)
             else:
                 self.timers.arm_job(job)
@@ -581,7 +612,11 @@ class Kernel:
             run = completion.record(job, ids.span_id(), Result(
                 Outcome.CANCELLED, ErrorCode.ERR_CANCELLED, "cancelled by request"), None,
                 self.clock.wall())
-            await self.store.cancel(job_id, run)
+            try:
+                await self.store.cancel(job_id, run)
+            except StoreError:
+                self._hold([job])  # not cancelled: it stays held and runs as it would have
+                raise
             self.bus.publish(RunCancelled(at=run.finished_at, run=run, duration=0.0))
             return job
         r = self.runner.get(job_id)
@@ -629,10 +664,12 @@ class Kernel:
         return await self.store.get_job(job_id)
 
     async def pause(self, task_id: str) -> None:
-        await self.store.set_schedule_state(self.timetable.pause(task_id))
+        async with self._lock:  # not between a reload's read of the states and its install
+            await self.store.set_schedule_state(self.timetable.pause(task_id))
 
     async def resume(self, task_id: str) -> None:
-        await self.store.set_schedule_state(self.timetable.resume(task_id))
+        async with self._lock:
+            await self.store.set_schedule_state(self.timetable.resume(task_id))
 
     async def trigger(self, task_id: str, payload: dict[str, Any] | None = None) -> Job:
         """Run a task now, outside its schedule."""

@@ -110,6 +110,7 @@ class FleetMember:
         self._gpu_held = gpu_held
         self._drop_queued = drop_queued
         self.fenced = True            # until join()
+        self.stopping = False         # the kernel stops: claim nothing more
         self._wake = asyncio.Event()
         self._last_beat = -1.0        # monotonic instant of the last successful heartbeat
         self._held_ticks: dict[str, int] = {}
@@ -190,7 +191,7 @@ class FleetMember:
         s = self.settings
         while True:
             got = 0
-            if not self.fenced:
+            if not self.fenced and not self.stopping:
                 try:
                     jobs = await self.store.claim_due(
                         self.id, self.clock.wall(), s.horizon, s.batch,
@@ -239,11 +240,11 @@ class FleetMember:
         ticks = {jid: self._held_ticks.get(jid, 0) + 1 for jid in held}
         self._held_ticks = ticks
         give = [jid for jid, n in ticks.items() if n >= 2]
-        if give:
+        if give:  # released first: dropped here only once the fleet has them back
+            n = await self.store.release(self.id, give)
             self._drop_queued(give)
             for jid in give:
                 ticks.pop(jid, None)
-            n = await self.store.release(self.id, give)
             log.info("gave back %d GPU job(s) this box cannot admit soon", n)
 
 

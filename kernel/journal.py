@@ -31,11 +31,18 @@ SAVE_RETRY_FIRST = 0.5   # seconds before a refused finish is written again (dou
 SAVE_RETRY_MAX = 30.0
 
 
+SAVED = "saved"            # the outcome is durable
+KEPT = "kept"              # the store refused it: kept in memory, written again later
+SUPERSEDED = "superseded"  # fleet: the job is another kernel's now; follow-ups dropped
+
+
 @dataclass(slots=True)
 class _Unsaved:
     job_id: str
     run: RunRecord
     follow: list[Job]
+    owner: str | None
+    on_saved: Callable[[], None] | None
     tries: int = 1
 
 
@@ -48,6 +55,7 @@ class Journal:
         self._on_failed = on_failed
         self._unsaved: list[_Unsaved] = []
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()  # the service and the last flush at stop, one at a time
 
     # ---- new jobs ------------------------------------------------------------------------------
     async def new_jobs(self, jobs: list[Job], wall: float, *, claim_all: bool = False
@@ -88,13 +96,15 @@ class Journal:
         return [r.job for r in results if not r.existed]
 
     # ---- a run ---------------------------------------------------------------------------------
-    async def started(self, job: Job, at: float) -> None:
-        """The RUNNING mark, committed before the action starts.
+    async def started(self, job: Job, at: float, owner: str | None = None) -> None:
+        """The RUNNING mark, committed before the action starts. ``owner``: (fleet) the
+        kernel id that claimed the job (it may have registered again since).
 
         :raises Superseded: (fleet) the job is no longer this kernel's: do not start it.
+        :raises StoreError: (fleet) ownership could not be checked: do not start it now.
         """
         if self.fleet is not None:
-            if not await self.fleet.store.mark_running_owned(self.fleet.id, job.id, at,
+            if not await self.fleet.store.mark_running_owned(owner or self.fleet.id, job.id, at,
                                                              job.attempt):
                 raise Superseded(f"job {job.id} is no longer this kernel's (rescued by another "
                                  "or cancelled); not started")
@@ -104,24 +114,29 @@ class Journal:
         except StoreError as exc:
             self._on_failed(exc)
 
-    async def finished(self, job_id: str, run: RunRecord, follow: list[Job]) -> bool:
-        """Record an outcome with its follow-ups (one transaction). False: (fleet) the job is
-        another kernel's now; the run was recorded as superseded and the follow-ups dropped.
-        A refused write is kept and written again later (True: it will be)."""
+    async def finished(self, job_id: str, run: RunRecord, follow: list[Job], *,
+                       owner: str | None = None,
+                       on_saved: Callable[[], None] | None = None) -> str:
+        """Record an outcome with its follow-ups (one transaction): SAVED, SUPERSEDED (fleet:
+        the job is another kernel's now; the run was recorded as superseded, the follow-ups
+        dropped), or KEPT: the store refused it, it is written again later, and ``on_saved``
+        (arming the follow-ups) is called only once it is durable."""
         try:
-            return await self._write(job_id, run, follow)
+            return SAVED if await self._write(job_id, run, follow, owner) else SUPERSEDED
         except StoreError as exc:
             self._on_failed(exc)
             log.error("the outcome of job %s (%s) is kept in memory and written again until "
                       "the store takes it; if the kernel stops first, the job is run again at "
                       "the next start (recovered)", job_id, run.outcome.value)
-            self._unsaved.append(_Unsaved(job_id, run, list(follow)))
+            self._unsaved.append(_Unsaved(job_id, run, list(follow), owner, on_saved))
             self._wake.set()
-            return True
+            return KEPT
 
-    async def _write(self, job_id: str, run: RunRecord, follow: list[Job]) -> bool:
+    async def _write(self, job_id: str, run: RunRecord, follow: list[Job],
+                     owner: str | None) -> bool:
         if self.fleet is not None:
-            return await self.fleet.store.finish_owned(self.fleet.id, job_id, run, follow)
+            return await self.fleet.store.finish_owned(owner or self.fleet.id, job_id, run,
+                                                       follow)
         await self.store.finish(job_id, run, follow)
         return True
 
@@ -145,18 +160,22 @@ class Journal:
 
     async def flush(self) -> bool:
         """Write the kept outcomes, oldest first; False at the first refusal."""
-        while self._unsaved:
-            u = self._unsaved[0]
-            try:
-                await self._write(u.job_id, u.run, u.follow)
-            except StoreError as exc:
-                u.tries += 1
-                log.warning("writing the outcome of job %s failed again (try %d): [%s] %s",
-                            u.job_id, u.tries, exc.code, exc)
-                return False
-            self._unsaved.pop(0)
-            log.info("the outcome of job %s is stored now (after %d tries)", u.job_id, u.tries)
-        return True
+        async with self._flushing:
+            while self._unsaved:
+                u = self._unsaved[0]
+                try:
+                    ours = await self._write(u.job_id, u.run, u.follow, u.owner)
+                except StoreError as exc:
+                    u.tries += 1
+                    log.warning("writing the outcome of job %s failed again (try %d): [%s] %s",
+                                u.job_id, u.tries, exc.code, exc)
+                    return False
+                self._unsaved.remove(u)
+                log.info("the outcome of job %s is stored now (after %d tries)", u.job_id,
+                         u.tries)
+                if ours and u.on_saved is not None:
+                    u.on_saved()
+            return True
 
     def __repr__(self) -> str:
         return f"<Journal fleet={self.fleet is not None} unsaved={len(self._unsaved)}>"

@@ -42,9 +42,9 @@ SHUTDOWN = "shutdown"
 
 
 class RunningJob:
-    __slots__ = ("_ended", "abandoned", "cancel_reason", "deadline", "in_action", "job",
-                 "progress", "span_id", "started_mono", "started_wall", "task", "timed_out",
-                 "timeout", "watch")
+    __slots__ = ("_ended", "abandoned", "cancel_reason", "deadline", "in_action", "job", "owner",
+                 "progress", "span_id", "start_failed", "started_mono", "started_wall", "task",
+                 "timed_out", "timeout", "watch")
 
     def __init__(self, job: Job, span_id: str, started_mono: float,
                  timeout: float | None) -> None:
@@ -61,6 +61,8 @@ class RunningJob:
         self.timed_out = False
         self.abandoned = False
         self.progress: tuple[float, float | None, str] | None = None  # (done, total, note)
+        self.owner: str | None = None   # fleet: the kernel id that held the job when it started
+        self.start_failed = False       # the start was refused (not ours, or not checkable)
         self._ended: asyncio.Event | None = None  # made only when someone waits for the end
 
     def ended(self) -> asyncio.Event:
@@ -154,7 +156,8 @@ class Runner:
             # the action's own answer to the cancellation does not matter: it ran out of time
             res = Result(Outcome.TIMED_OUT, ErrorCode.ERR_TIMEOUT,
                          f"timed out after {r.timeout:g} s", retryable=True)
-        self.running.pop(job.id, None)
+        if self.running.get(job.id) is r:
+            del self.running[job.id]
         try:
             await self._on_done(r, res, shutdown)
         finally:
@@ -232,7 +235,8 @@ class Runner:
     def _abandon(self, r: RunningJob) -> None:
         r.abandoned = True
         self.abandoned += 1
-        self.running.pop(r.job.id, None)
+        if self.running.get(r.job.id) is r:
+            del self.running[r.job.id]
         self._give_up(r)
         what = "time-out" if r.timed_out else (r.cancel_reason or "cancel")
         log.error("run %s (action %s) did not stop within %g s of its %s; abandoned: its slot "

@@ -9,9 +9,12 @@ It does no I/O: methods return what to make durable (``Firing``: occurrences to 
 misfire record, a schedule state to save) and the kernel does it. Time policy (see the README):
 - a stored ``last_scheduled_at`` in the future (more than ``FUTURE_TOLERANCE`` ahead: the wall
   clock was wrong when it was written) is clamped to now at start, with a warning;
-- when the wall clock steps (either way) every task is re-armed from the corrected clock;
-  after a backward step, the occurrences that already ran under the wrong clock are not run
-  again when their instants come round (each (task, instant) runs at most once).
+- when the wall clock steps (either way) every task is re-armed from the corrected clock, never
+  before its last occurrence; after a large backward step (beyond ``FUTURE_TOLERANCE``: the
+  clock was ahead by hours), the last occurrence is clamped to now and the schedule goes on
+  from there; in a fleet the instants that already ran under the wrong clock are not run again
+  (the fired table), on one box they may run again when their instants come round (the store
+  keeps no record of finished occurrences).
 """
 
 from __future__ import annotations
@@ -269,7 +272,10 @@ class Timetable:
                 rt.last_scheduled_at = wall
                 saves.append(rt.state())
             if rt.handle is not None and rt.next_due is not None:
-                self.arm_next(rt, min(rt.next_due - 0.001, wall))
+                after = min(rt.next_due - 0.001, wall)
+                if rt.last_scheduled_at is not None:  # never again an instant that already ran
+                    after = max(after, rt.last_scheduled_at)
+                self.arm_next(rt, after)
         return saves
 
     # ---- what came due -----------------------------------------------------------------------

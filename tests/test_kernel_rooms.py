@@ -468,3 +468,47 @@ async def test_kernel_started_names_the_api_address() -> None:
     assert ev.api_url is not None and ev.api_url.startswith("http://127.0.0.1:")
     assert ev.api_url == h.kernel.api_url
     await h.stop()
+
+
+async def test_a_small_backward_wall_step_does_not_run_an_occurrence_again() -> None:
+    clock = FakeClock()
+    h = make_harness("""
+        [[tasks]]
+        id = "minute"
+        schedule = "* * * * *"
+        action = "rec"
+        [[tasks]]
+        id = "tick"
+        schedule = "@every 1s"
+        action = "rec"
+        """, clock=clock)
+    await h.start()
+    await h.advance(60.5)  # the minute task ran for T0 + 60
+    assert [c.scheduled_at for c in h.rec.calls if c.task_id == "minute"] == [T0 + 60]
+    clock.set_wall(clock.wall() - 3)  # NTP steps back 3 s (over the 1 s jump threshold)
+    await h.advance(70, step=1)
+    minute = [c.scheduled_at for c in h.rec.calls if c.task_id == "minute"]
+    assert minute == [T0 + 60, T0 + 120]  # T0 + 60 did not run twice
+    await h.stop()
+
+
+async def test_follow_ups_of_a_refused_outcome_wait_until_it_is_durable() -> None:
+    store = FlakyFinishStore()
+    h = make_harness("""
+        [[tasks]]
+        id = "up"
+        action = "rec"
+        [[tasks]]
+        id = "down"
+        action = "rec"
+        after = ["up"]
+        """, store=store)
+    await h.start()
+    store.fail = 1
+    await h.kernel.trigger("up")
+    await h.idle()
+    assert [c.task_id for c in h.rec.calls] == ["up"]  # "down" waits for up's outcome
+    await h.advance(10)  # the kept outcome is written again; then "down" runs, once
+    assert [c.task_id for c in h.rec.calls] == ["up", "down"]
+    assert await store.list_jobs() == []  # nothing left to run again at the next start
+    await h.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import pytest
@@ -28,6 +29,7 @@ class Faulty(MemoryStore):
     async def finish(self, job_id: str, run: RunRecord, follow_up: Sequence[Job] = ()) -> None:
         if self.full:
             raise StoreFull("database or disk is full")
+        await asyncio.sleep(0)  # a real store's write awaits (the other flush runs meanwhile)
         await super().finish(job_id, run, follow_up)
 
 
@@ -89,3 +91,30 @@ async def test_a_refused_finish_is_kept_and_flushed_oldest_first(store: Faulty) 
     runs = await store.query_runs(RunQuery())
     assert sorted(r.job_id for r in runs) == ["a", "b"]
     assert await store.get_job("a") is None  # recorded: never run again
+
+
+async def test_two_flushes_at_once_write_every_kept_outcome(store: Faulty) -> None:
+    j = journal(store, [])
+    a, b = job("a"), job("b")
+    await j.new_jobs([a, b], T0)
+    store.full = True
+    await j.finished("a", run_of(a), [])
+    await j.finished("b", run_of(b), [])
+    store.full = False
+    assert all(await asyncio.gather(j.flush(), j.flush()))  # the service and the stop's
+    assert j.unsaved == 0
+    assert sorted(r.job_id for r in await store.query_runs(RunQuery())) == ["a", "b"]
+
+
+async def test_follow_ups_are_armed_only_once_a_kept_outcome_is_durable(store: Faulty) -> None:
+    j = journal(store, [])
+    a = job("a")
+    await j.new_jobs([a], T0)
+    armed: list[str] = []
+    store.full = True
+    assert await j.finished("a", run_of(a), [job("f")], on_saved=lambda: armed.append("f")) \
+        == "kept"
+    assert armed == []
+    store.full = False
+    await j.flush()
+    assert armed == ["f"]
