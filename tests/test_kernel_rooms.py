@@ -512,3 +512,23 @@ async def test_follow_ups_of_a_refused_outcome_wait_until_it_is_durable() -> Non
     assert [c.task_id for c in h.rec.calls] == ["up", "down"]
     assert await store.list_jobs() == []  # nothing left to run again at the next start
     await h.stop()
+
+
+async def test_a_job_that_comes_back_while_it_still_runs_waits_for_that_run() -> None:
+    """Fleet: a fenced kernel that registered again may claim its own job back while the old
+    attempt still runs here. One run per job id: the newcomer waits until that run ended."""
+    import msgspec
+
+    h = make_harness("")
+    await h.start()
+    res = await h.kernel.submit(SubmitRequest(action="rec", payload={"mode": "block"}))
+    await h.idle()
+    again = msgspec.structs.replace(res.job, attempt=2, recovered=True)
+    h.kernel._claimed([again])  # what the fleet member hands over after a rescue
+    await h.advance(3)
+    assert [c.attempt for c in h.rec.calls] == [1]  # not started beside the running attempt
+    assert len(h.kernel.snapshot().running) == 1
+    h.rec.release.set()
+    await h.advance(3)
+    assert [c.attempt for c in h.rec.calls] == [1, 2]  # it ran once the first had ended
+    await h.stop()
