@@ -173,7 +173,8 @@ def load_or_create_token(path: Path) -> tuple[str, str]:
             why = "replaced (it held no usable token)"
         else:
             return token, "kept"
-    token = secrets.token_urlsafe(_TOKEN_BYTES)
+    # hex, never a leading "-": a token is typed after --token on command lines
+    token = secrets.token_hex(_TOKEN_BYTES)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(path, (token + "\n").encode(), mode=0o600)  # replaces a symlink, not its target
     return token, why

@@ -30,7 +30,7 @@ async def kcli(api: Api | str, *argv: str) -> int:
     kernel's token unless ARGV gives one (reading it from the data dir: test_security.py)."""
     url = api if isinstance(api, str) else api.url
     token = [] if isinstance(api, str) or api.token is None or "--token" in argv else [
-        "--token", api.token]
+        f"--token={api.token}"]
     return await asyncio.to_thread(cli.main, [*argv, "--url", url, *token])
 
 

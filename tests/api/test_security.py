@@ -305,3 +305,13 @@ def test_a_data_dir_that_cannot_hold_the_token_file_is_a_config_error(tmp_path: 
     with pytest.raises(ConfigError) as err:
         api_token(h.kernel.config)
     assert "[kernel].data_dir" in str(err.value) and "api.token" in str(err.value)
+
+
+def test_a_generated_token_never_starts_with_a_dash(tmp_path: Path) -> None:
+    """A token is typed after ``--token``: one starting with "-" is read by argparse as an
+    option (a flaky CLI test found it: token_urlsafe gives one in 64)."""
+    from kernel.api.security import load_or_create_token
+
+    tokens = [load_or_create_token(tmp_path / f"t{i}" / "api.token")[0] for i in range(300)]
+    assert len(set(tokens)) == 300
+    assert not [t for t in tokens if t.startswith("-")]
