@@ -532,3 +532,66 @@ async def test_a_job_that_comes_back_while_it_still_runs_waits_for_that_run() ->
     await h.advance(3)
     assert [c.attempt for c in h.rec.calls] == [1, 2]  # it ran once the first had ended
     await h.stop()
+
+
+class CancelFailsStore(MemoryStore):
+    """A real MemoryStore whose ``cancel`` fails (as a full disk would) while ``fail`` is set."""
+
+    fail = False
+
+    async def cancel(self, job_id: str, run: RunRecord | None = None) -> Job | None:
+        if self.fail:
+            raise StoreFull("database or disk is full")
+        return await super().cancel(job_id, run)
+
+
+async def test_a_cancel_the_store_refused_leaves_the_job_held() -> None:
+    store = CancelFailsStore()
+    h = make_harness("", store=store)
+    await h.start()
+    res = await h.kernel.submit(SubmitRequest(action="rec", delay=30))
+    store.fail = True
+    with pytest.raises(StoreFull):
+        await h.kernel.cancel(res.job.id)
+    await h.advance(31)  # not cancelled, so it runs as it would have
+    assert [c.job_id for c in h.rec.calls] == [res.job.id]
+    await h.stop()
+
+
+async def test_a_pause_during_a_reload_is_not_undone_by_it() -> None:
+    import msgspec
+
+    from kernel.config import TaskConfig
+
+    h = make_harness("""
+        [[tasks]]
+        id = "beat"
+        schedule = "@every 10s"
+        action = "rec"
+        """)
+    await h.start()
+    k = h.kernel
+    gate = asyncio.Event()
+    states = k.store.schedule_states
+
+    async def slow_states() -> Any:  # the reload is held after reading the stored states
+        result = await states()
+        await gate.wait()
+        return result
+
+    k.store.schedule_states = slow_states  # type: ignore[method-assign]
+    changed = msgspec.structs.replace(k.config, tasks=[
+        TaskConfig(id="beat", action="rec", schedule="@every 20s")])
+    reload = asyncio.create_task(k.reload(changed, "file change"))
+    await asyncio.sleep(0)
+    pausing = asyncio.create_task(k.pause("beat"))
+    await asyncio.sleep(0)
+    gate.set()
+    await reload
+    await pausing
+    k.store.schedule_states = states  # type: ignore[method-assign]
+    assert k.timetable.tasks["beat"].paused and k.timetable.tasks["beat"].handle is None
+    assert (await k.store.schedule_states())["beat"].paused
+    await h.advance(60)
+    assert h.rec.calls == []
+    await h.stop()
