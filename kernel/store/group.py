@@ -7,7 +7,7 @@ queued (up to ``max_weight`` jobs; one call is never split) and hands it to the 
 is in flight new requests queue up, so the group size follows the load without a timer: an idle
 store commits a lone request at once, a busy one hundreds per transaction.
 
-Used by the PostgreSQL store; the SQLite store's writer loop is the same algorithm.
+Used by the SQLite and the PostgreSQL store.
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ from kernel.store import schema
 from kernel.store import sqlite_guard as guard
 from kernel.store import sqlite_tx as tx
 from kernel.store.base import Store
+from kernel.store.group import GroupCommit
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -178,11 +179,9 @@ class SqliteStore(Store):
         self._w: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._r: aiosqlite.Connection | None = None
-        self._queue: list[tx.Op] = []
-        self._wake = asyncio.Event()
+        self._group = GroupCommit(self._commit, str(self.path), max_batch)
         self._writer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._closing = False
         self._last_error: str | None = None
         self._version = 0
         self._lock: guard.OwnerLock | None = None
@@ -254,7 +253,7 @@ class SqliteStore(Store):
                 raise StoreError(f"{where}: cannot create its directory: {e}") from None
         elif not self.path.exists():
             raise StoreError(f"{where}: no such database (opened read-only, nothing created)")
-        self._closing = False
+        self._group = GroupCommit(self._commit, str(self.path), self.max_batch)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         try:
             self._w = await self._on_writer(self._open_sync)
@@ -273,7 +272,7 @@ class SqliteStore(Store):
                 raise StoreError(f"{where}: opening the database failed: {e}") from None
             raise
         self._loop = asyncio.get_running_loop()
-        self._writer = self._loop.create_task(self._run_writer(), name=f"store-writer:{where}")
+        self._writer = self._loop.create_task(self._group.run(), name=f"store-writer:{where}")
 
     def _open_sync(self) -> sqlite3.Connection:
         """Take ownership, check, then open the writer connection (see the module docstring)."""
@@ -321,8 +320,7 @@ class SqliteStore(Store):
     async def close(self) -> None:
         if self._w is None:
             return
-        self._closing = True
-        self._wake.set()
+        self._group.close()
         writer, self._writer = self._writer, None
         if writer is not None:
             if not writer.done():
@@ -346,31 +344,6 @@ class SqliteStore(Store):
                 self._thread = None
 
     # -- the writer -------------------------------------------------------------------------
-
-    async def _run_writer(self) -> None:
-        queue = self._queue
-        try:
-            while True:
-                if not queue:
-                    if self._closing:
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
-                    await asyncio.sleep(0)  # let coroutines that are already runnable join
-                    continue
-                size = taken = 0
-                for op in queue:
-                    size += op.weight
-                    taken += 1
-                    if size >= self.max_batch:
-                        break
-                batch = queue[:taken]
-                del queue[:taken]
-                await self._commit(batch)
-        finally:  # cancelled (an event loop torn down with the store open): nobody hangs
-            for op in queue:
-                op.fail(StoreError(f"{self.path}: the store's writer stopped; not stored"))
-            queue.clear()
 
     async def _commit(self, batch: list[tx.Op]) -> None:
         assert self._w is not None and self._thread is not None
@@ -422,14 +395,11 @@ class SqliteStore(Store):
         tx.apply_batch(self._w, batch)
 
     def _enqueue(self, op: tx.Op) -> asyncio.Future[Any]:
-        if self._w is None or self._closing:
+        if self._w is None:
             raise StoreError(f"{self.path}: the store is not open")
         if self._writer is None or self._writer.done():
             raise StoreError(f"{self.path}: the store's writer task has stopped")
-        self._queue.append(op)
-        if not self._wake.is_set():
-            self._wake.set()
-        return op.fut
+        return self._group.put(op)  # (raises StoreError once the store is closing)
 
     def _future(self) -> asyncio.Future[Any]:
         if self._loop is None:
@@ -441,17 +411,8 @@ class SqliteStore(Store):
     async def submit(self, jobs: Sequence[Job], now: float) -> list[SubmitResult]:
         if not jobs:
             return []
-        # The hot path: _future and _enqueue inlined.
-        loop = self._loop
-        if loop is None or self._w is None or self._closing:
-            raise StoreError(f"{self.path}: the store is not open")
-        if self._writer is None or self._writer.done():
-            raise StoreError(f"{self.path}: the store's writer task has stopped")
-        fut: asyncio.Future[list[SubmitResult]] = loop.create_future()
-        self._queue.append(tx.Submit(fut, jobs, now))
-        if not self._wake.is_set():
-            self._wake.set()
-        return await fut
+        result: list[SubmitResult] = await self._enqueue(tx.Submit(self._future(), jobs, now))
+        return result
 
     async def mark_running(self, job_id: str, started_at: float, attempt: int) -> None:
         await self._enqueue(tx.MarkRunning(self._future(), (started_at, attempt, job_id)))
@@ -623,7 +584,7 @@ class SqliteStore(Store):
             "schema_version": self._version,
             "synchronous": self.synchronous,
             "read_only": self.read_only,
-            "queued_writes": len(self._queue),
+            "queued_writes": len(self._group.queue),
             "batches": self.batches,
             "batched_ops": self.batched_ops,
             "warnings": list(self._warnings),
