@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,12 @@ from kernel.gpu import FakeGpuProbe, GpuInfo
 from kernel.hookspecs import Action, PluginContext, RunContext, hookimpl
 from kernel.main import build
 from kernel.plugins import load as load_plugins
-from kernel.records import Job, JobState, Outcome, RunRecord
+from kernel.records import JobState, Outcome
 from kernel.store.base import Store
 from kernel.store.memory import MemoryStore
 from kernel.store.sqlite import SqliteStore
 
+from .faults import FaultyStore
 from .harness import Harness, RecordingPlugin, make_config, make_harness
 
 T0 = 1_767_225_600.0
@@ -243,25 +244,11 @@ async def test_a_retry_waits_its_jittered_backoff_on_the_kernel_clock() -> None:
 
 
 # ------------------------------------------------------------------------- finish writes
-class FlakyFinishStore(MemoryStore):
-    """A real MemoryStore whose ``finish`` fails (as a full disk would) ``fail`` times."""
-
-    fail = 0
-    tries = 0
-
-    async def finish(self, job_id: str, run: RunRecord, follow_up: Sequence[Job] = ()) -> None:
-        self.tries += 1
-        if self.fail > 0:
-            self.fail -= 1
-            raise StoreFull("database or disk is full")
-        await super().finish(job_id, run, follow_up)
-
-
 async def test_a_failed_finish_write_is_kept_and_written_again() -> None:
-    store = FlakyFinishStore()
+    store = FaultyStore()
     h = make_harness("", store=store)
     await h.start()
-    store.fail = 3
+    store.finish_failures = 3
     res = await h.kernel.submit(SubmitRequest(action="rec"))
     await h.idle()
     assert h.kernel.unsaved == 1 and await store.get_job(res.job.id) is not None
@@ -274,10 +261,10 @@ async def test_a_failed_finish_write_is_kept_and_written_again() -> None:
 
 
 async def test_an_outcome_still_unsaved_at_stop_is_written_at_the_flush() -> None:
-    store = FlakyFinishStore()
+    store = FaultyStore()
     h = make_harness("", store=store)
     await h.start()
-    store.fail = 1
+    store.finish_failures = 1
     await h.kernel.submit(SubmitRequest(action="rec"))
     await h.idle()
     assert h.kernel.unsaved == 1
@@ -493,7 +480,7 @@ async def test_a_small_backward_wall_step_does_not_run_an_occurrence_again() -> 
 
 
 async def test_follow_ups_of_a_refused_outcome_wait_until_it_is_durable() -> None:
-    store = FlakyFinishStore()
+    store = FaultyStore()
     h = make_harness("""
         [[tasks]]
         id = "up"
@@ -504,7 +491,7 @@ async def test_follow_ups_of_a_refused_outcome_wait_until_it_is_durable() -> Non
         after = ["up"]
         """, store=store)
     await h.start()
-    store.fail = 1
+    store.finish_failures = 1
     await h.kernel.trigger("up")
     await h.idle()
     assert [c.task_id for c in h.rec.calls] == ["up"]  # "down" waits for up's outcome
@@ -534,23 +521,12 @@ async def test_a_job_that_comes_back_while_it_still_runs_waits_for_that_run() ->
     await h.stop()
 
 
-class CancelFailsStore(MemoryStore):
-    """A real MemoryStore whose ``cancel`` fails (as a full disk would) while ``fail`` is set."""
-
-    fail = False
-
-    async def cancel(self, job_id: str, run: RunRecord | None = None) -> Job | None:
-        if self.fail:
-            raise StoreFull("database or disk is full")
-        return await super().cancel(job_id, run)
-
-
 async def test_a_cancel_the_store_refused_leaves_the_job_held() -> None:
-    store = CancelFailsStore()
+    store = FaultyStore()
     h = make_harness("", store=store)
     await h.start()
     res = await h.kernel.submit(SubmitRequest(action="rec", delay=30))
-    store.fail = True
+    store.cancel_fails = True
     with pytest.raises(StoreFull):
         await h.kernel.cancel(res.job.id)
     await h.advance(31)  # not cancelled, so it runs as it would have

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,22 +13,9 @@ import pytest
 from kernel.app import SubmitRequest
 from kernel.errors import StoreFull
 from kernel.events import StoreFailed
-from kernel.records import Job, SubmitResult
-from kernel.store.memory import MemoryStore
 
+from .faults import FaultyStore
 from .harness import make_harness
-
-
-class FaultyStore(MemoryStore):
-    """A real MemoryStore with an injected fault: while ``full`` is set, every write raises
-    StoreFull, as a full disk would (the SQLite translation itself is tested in tests/store)."""
-
-    full = False
-
-    async def submit(self, jobs: Sequence[Job], now: float) -> list[SubmitResult]:
-        if self.full:
-            raise StoreFull("database or disk is full")
-        return await super().submit(jobs, now)
 
 
 async def test_full_store_refuses_submissions_but_cron_tasks_keep_running() -> None:

@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import pytest
 
 from kernel.clock import FakeClock
 from kernel.errors import StoreError, StoreFull
 from kernel.journal import Journal
-from kernel.records import Job, JobKind, Outcome, RunQuery, RunRecord, SubmitResult
-from kernel.store.memory import MemoryStore
+from kernel.records import Job, JobKind, Outcome, RunQuery, RunRecord
+
+from ..faults import FaultyStore
 
 T0 = 1_767_225_600.0
-
-
-class Faulty(MemoryStore):
-    """A real MemoryStore whose writes fail (as a full disk would) while ``full`` is set."""
-
-    full = False
-
-    async def submit(self, jobs: Sequence[Job], now: float) -> list[SubmitResult]:
-        if self.full:
-            raise StoreFull("database or disk is full")
-        return await super().submit(jobs, now)
-
-    async def finish(self, job_id: str, run: RunRecord, follow_up: Sequence[Job] = ()) -> None:
-        if self.full:
-            raise StoreFull("database or disk is full")
-        await asyncio.sleep(0)  # a real store's write awaits (the other flush runs meanwhile)
-        await super().finish(job_id, run, follow_up)
 
 
 def job(i: str, **kw: object) -> Job:
@@ -44,17 +27,17 @@ def run_of(j: Job) -> RunRecord:
 
 
 @pytest.fixture
-async def store() -> Faulty:
-    s = Faulty()
+async def store() -> FaultyStore:
+    s = FaultyStore()
     await s.open()
     return s
 
 
-def journal(store: Faulty, failures: list[StoreError]) -> Journal:
+def journal(store: FaultyStore, failures: list[StoreError]) -> Journal:
     return Journal(store, FakeClock(), fleet=None, on_failed=failures.append)
 
 
-async def test_new_jobs_are_acknowledged_after_the_store_took_them(store: Faulty) -> None:
+async def test_new_jobs_are_acknowledged_after_the_store_took_them(store: FaultyStore) -> None:
     j = journal(store, [])
     results, mine = await j.new_jobs([job("a"), job("b")], T0)
     assert [r.job.id for r in results] == ["a", "b"] and [m.id for m in mine] == ["a", "b"]
@@ -65,7 +48,7 @@ async def test_new_jobs_are_acknowledged_after_the_store_took_them(store: Faulty
         await j.new_jobs([job("c")], T0)
 
 
-async def test_occurrences_run_from_memory_when_one_store_fails(store: Faulty) -> None:
+async def test_occurrences_run_from_memory_when_one_store_fails(store: FaultyStore) -> None:
     failures: list[StoreError] = []
     j = journal(store, failures)
     occ = [job("o1", task_id="t", kind=JobKind.CRON, scheduled_at=T0)]
@@ -77,7 +60,7 @@ async def test_occurrences_run_from_memory_when_one_store_fails(store: Faulty) -
     assert [x.id for x in await j.occurrences(late, T0)] == ["o3"] and failures
 
 
-async def test_a_refused_finish_is_kept_and_flushed_oldest_first(store: Faulty) -> None:
+async def test_a_refused_finish_is_kept_and_flushed_oldest_first(store: FaultyStore) -> None:
     failures: list[StoreError] = []
     j = journal(store, failures)
     a, b = job("a"), job("b")
@@ -93,7 +76,7 @@ async def test_a_refused_finish_is_kept_and_flushed_oldest_first(store: Faulty) 
     assert await store.get_job("a") is None  # recorded: never run again
 
 
-async def test_two_flushes_at_once_write_every_kept_outcome(store: Faulty) -> None:
+async def test_two_flushes_at_once_write_every_kept_outcome(store: FaultyStore) -> None:
     j = journal(store, [])
     a, b = job("a"), job("b")
     await j.new_jobs([a, b], T0)
@@ -106,7 +89,7 @@ async def test_two_flushes_at_once_write_every_kept_outcome(store: Faulty) -> No
     assert sorted(r.job_id for r in await store.query_runs(RunQuery())) == ["a", "b"]
 
 
-async def test_follow_ups_are_armed_only_once_a_kept_outcome_is_durable(store: Faulty) -> None:
+async def test_follow_ups_are_armed_only_once_a_kept_outcome_is_durable(store: FaultyStore) -> None:
     j = journal(store, [])
     a = job("a")
     await j.new_jobs([a], T0)
