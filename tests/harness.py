@@ -8,6 +8,7 @@ clock, so a test controls exactly when it ends.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ from kernel import config as config_mod
 from kernel.app import Kernel, KernelParts
 from kernel.clock import FakeClock, settle
 from kernel.errors import ActionError, ErrorCode, Retry
-from kernel.events import Event
+from kernel.events import ConfigReloaded, Event
 from kernel.hookspecs import Action, PluginContext, RunContext, hookimpl
 from kernel.main import build
 from kernel.plugins import PluginSet
@@ -135,3 +136,19 @@ def make_harness(text: str, *, store: Store | None = None, clock: FakeClock | No
     h = Harness(kernel, clock, rec, store)
     kernel.bus.subscribe(h.events.append)
     return h
+
+
+async def edit_until_reloaded(h: Harness, edit: Callable[[int], None],
+                              limit: float = 15.0) -> ConfigReloaded:
+    """Call ``edit(n)`` (n = 1, 2, ...) every 0.1 s until the kernel published a
+    ``ConfigReloaded``: a file watcher may still be subscribing when the first edit lands, so
+    the edit is made again until it has been seen once (a condition polled with a bound)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    n = 0
+    while not any(isinstance(e, ConfigReloaded) for e in h.events):
+        assert loop.time() < end, f"the watcher did not reload within {limit:g} s"
+        n += 1
+        edit(n)
+        await asyncio.sleep(0.1)
+    return next(e for e in h.events if isinstance(e, ConfigReloaded))

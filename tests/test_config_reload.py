@@ -27,7 +27,7 @@ from kernel.errors import ConfigError, ErrorCode
 from kernel.events import ConfigReloaded
 from kernel.reload import ConfigReloader, check_reload, watch_filter
 
-from .harness import make_harness
+from .harness import edit_until_reloaded, make_harness
 from .test_reload import BASE  # tasks a and b, @every 10s, action rec
 
 
@@ -157,22 +157,16 @@ async def test_the_watcher_ignores_its_neighbours_and_stays_quiet(
     reloader = ConfigReloader(cfg, None, h.kernel.plugins, h.kernel)
     await h.start()
     watcher = asyncio.create_task(reloader.watch(h.kernel))
-    loop = asyncio.get_running_loop()
     try:
-        # Neighbours change all the time; the config file is rewritten until the watcher (which
-        # may still be subscribing) has reloaded it once: polling with a bound, no fixed wait.
-        end = loop.time() + 15
-        n = 0
-        while not any(isinstance(e, ConfigReloaded) for e in h.events):
-            assert loop.time() < end, "the watcher did not reload within 15 s"
-            n += 1
+        # neighbours change all the time while the config file is edited
+        def edit(n: int) -> None:
             with log_file.open("a") as f:
                 f.write(f"line {n}\n")
             (data / "kernel.sqlite3-wal").write_bytes(os.urandom(64))
             cfg.write_text(BASE + f'\n[[tasks]]\nid = "d"\nschedule = "@every {n}s"\n'
                            'action = "rec"\n')
-            await asyncio.sleep(0.1)
-        ev = next(e for e in h.events if isinstance(e, ConfigReloaded))
+
+        ev = await edit_until_reloaded(h, edit)
         assert ev.added == ["d"] and ev.source == "file change"
     finally:
         watcher.cancel()

@@ -11,7 +11,7 @@ import pytest
 from kernel.events import ConfigReloaded
 from kernel.main import ConfigReloader
 
-from .harness import make_harness
+from .harness import edit_until_reloaded, make_harness
 
 T0 = 1_767_225_600.0
 
@@ -65,18 +65,8 @@ async def test_file_watcher_reloads_on_edit(tmp_path: Path) -> None:
     await h.start()
     watcher = asyncio.create_task(reloader.watch(h.kernel))
     try:
-        # the watcher may still be subscribing: the edit is written again until it has been
-        # seen once (a condition polled with a bound, no fixed wait for the subscription)
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 15
-        n = 0
-        while not any(isinstance(e, ConfigReloaded) for e in h.events):
-            assert loop.time() < end, "the watcher did not reload within 15 s"
-            n += 1
-            cfg.write_text(BASE + f'\n[[tasks]]\nid = "d"\nschedule = "@every {n}s"\n'
-                           'action = "rec"\n')
-            await asyncio.sleep(0.1)
-        ev = next(e for e in h.events if isinstance(e, ConfigReloaded))
+        ev = await edit_until_reloaded(h, lambda n: cfg.write_text(
+            BASE + f'\n[[tasks]]\nid = "d"\nschedule = "@every {n}s"\naction = "rec"\n'))
         assert ev.added == ["d"] and ev.source == "file change"
     finally:
         watcher.cancel()
