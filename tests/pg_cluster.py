@@ -3,7 +3,9 @@
 One cluster per test session (:func:`session_cluster`), shared by every test directory; each test
 gets its own PostgreSQL schema in it (:func:`fresh_schema`), which is much cheaper than a database
 per test. Tuned for tests, not durability: ``fsync=off``, ``synchronous_commit=off``, small
-shared buffers.
+shared buffers, and the data directory on a RAM file system (``/dev/shm``) where one with room is
+mounted: ``initdb`` writes ~40 MB in thousands of files, and on this VM's disk that alone took
+~0.95 s against ~0.4 s on tmpfs. A durable cluster (the benchmarks) always lives on disk.
 
 ``initdb`` refuses to run as root: as root, the cluster is created and run by an unprivileged
 user (``KERNEL_TEST_PG_USER``, default ``nobody``) that owns the temp dir; the tests connect over
@@ -47,6 +49,23 @@ def find_bin() -> Path | None:
     return Path(which).parent if which else None
 
 
+_RAM_DIR = Path("/dev/shm")
+_RAM_NEEDED = 512 << 20  # the cluster is ~40 MB after initdb; the suite's WAL and tables add more
+
+
+def _ram_dir() -> str | None:
+    """``/dev/shm`` when it is a writable directory with room (Docker's default is only 64 MB)."""
+    if os.environ.get("KERNEL_TEST_PG_DIR"):
+        return os.environ["KERNEL_TEST_PG_DIR"]
+    try:
+        st = os.statvfs(_RAM_DIR)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize < _RAM_NEEDED or not os.access(_RAM_DIR, os.W_OK):
+        return None
+    return str(_RAM_DIR)
+
+
 class PgCluster:
     """One initdb'd, started cluster; :meth:`stop` removes it."""
 
@@ -54,7 +73,8 @@ class PgCluster:
         # Benchmarks: fsync, synchronous_commit and autovacuum on, as in production; tests: off.
         self.durable = durable
         self.bin = find_bin()
-        self.root = Path(tempfile.mkdtemp(prefix="kpg-"))  # short: a socket path is <= 107 B
+        # short: a socket path is <= 107 B
+        self.root = Path(tempfile.mkdtemp(prefix="kpg-", dir=None if durable else _ram_dir()))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.user: str | None = None
