@@ -17,6 +17,7 @@ batches touching the same rows in different orders); the store retries the whole
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
@@ -292,7 +293,7 @@ async def insert_runs(con: Con, rows: Sequence[Row]) -> None:
 # the table's statistics say (without it, stale statistics can turn 500 lookups into a scan).
 
 
-async def _submits(con: Con, ops: Sequence[Op]) -> None:
+async def _submits(con: Con, ops: Sequence[Op]) -> bool:
     subs = [op for op in ops if isinstance(op, Submit)]
     jobs = [job for op in subs for job in op.jobs]
     nows = [op.now for op in subs for _ in op.jobs]
@@ -307,17 +308,22 @@ async def _submits(con: Con, ops: Sequence[Op]) -> None:
         con, jobs, [b for op in subs for b in op.bodies], nows.__getitem__, owners.__getitem__
     )
     at = 0
+    unclaimed = False
     for op in subs:
         mine = results[at : at + len(op.jobs)]
         if op.owner is None:
             op.result = mine
+            unclaimed = unclaimed or any(not r.existed for r in mine)
         else:
-            op.result = (mine, [not r.existed and owners[at + k] is not None
-                                for k, r in enumerate(mine)])
+            owned = [not r.existed and owners[at + k] is not None for k, r in enumerate(mine)]
+            op.result = (mine, owned)
+            unclaimed = unclaimed or any(not r.existed and not o
+                                         for r, o in zip(mine, owned, strict=True))
         at += len(op.jobs)
+    return unclaimed
 
 
-async def _mark_running(con: Con, ops: Sequence[Op]) -> None:
+async def _mark_running(con: Con, ops: Sequence[Op]) -> bool:
     marks = [op for op in ops if isinstance(op, MarkRunning)]
     plain = {op.args[0]: op.args for op in marks if op.owner is None}  # the last one counts
     if plain:
@@ -341,9 +347,10 @@ async def _mark_running(con: Con, ops: Sequence[Op]) -> None:
         ok = {r[0] for r in rows}
         for op in owned:
             op.result = op.args[0] in ok
+    return False
 
 
-async def _finishes(con: Con, ops: Sequence[Op]) -> None:
+async def _finishes(con: Con, ops: Sequence[Op]) -> bool:
     fins = [op for op in ops if isinstance(op, Finish)]
     plain = [op for op in fins if op.owner is None]
     owned = [op for op in fins if op.owner is not None]
@@ -379,13 +386,15 @@ async def _finishes(con: Con, ops: Sequence[Op]) -> None:
     ])
     follow = [(op, job, body) for op in keep for job, body in zip(op.follow_up, op.bodies,
                                                                   strict=True)]
-    if follow:
-        nows = [op.run_rec.finished_at for op, _, _ in follow]
-        await insert_jobs(con, [j for _, j, _ in follow], [b for _, _, b in follow],
-                          nows.__getitem__)
+    if not follow:
+        return False
+    nows = [op.run_rec.finished_at for op, _, _ in follow]
+    stored = await insert_jobs(con, [j for _, j, _ in follow], [b for _, _, b in follow],
+                               nows.__getitem__)
+    return any(not r.existed for r in stored)
 
 
-async def _cancels(con: Con, ops: Sequence[Op]) -> None:
+async def _cancels(con: Con, ops: Sequence[Op]) -> bool:
     cans = [op for op in ops if isinstance(op, Cancel)]
     rows = await con.fetch(
         f"DELETE FROM jobs WHERE id = ANY($1::text[]) RETURNING id, {ps.JOB_FIELDS}",
@@ -398,15 +407,18 @@ async def _cancels(con: Con, ops: Sequence[Op]) -> None:
         if op.result is not None and op.run is not None:
             runs.append(op.run)
     await insert_runs(con, runs)
+    return False
 
 
-async def _calls(con: Con, ops: Sequence[Op]) -> None:
+async def _calls(con: Con, ops: Sequence[Op]) -> bool:
     for op in ops:
         if isinstance(op, Call):
             op.result = await op.fn(con)
+    return False
 
 
-_APPLY: Final[dict[type[Op], Callable[[Con, Sequence[Op]], Awaitable[None]]]] = {
+#: Applies a run of same-kind operations; True if it stored jobs nobody has claimed.
+_APPLY: Final[dict[type[Op], Callable[[Con, Sequence[Op]], Awaitable[bool]]]] = {
     Submit: _submits,
     MarkRunning: _mark_running,
     Finish: _finishes,
@@ -418,22 +430,34 @@ _APPLY: Final[dict[type[Op], Callable[[Con, Sequence[Op]], Awaitable[None]]]] = 
 async def apply_batch(con: Con, batch: Sequence[Op], channel: str | None = None) -> None:
     """Apply ``batch`` in one transaction, in order; raise (rolled back) if anything fails.
 
-    If ``channel`` is given and the batch may have stored jobs, one ``NOTIFY channel`` is sent
-    with the commit (a hint that wakes claimers; it is delivered only if the batch commits).
+    If ``channel`` is given and the batch stored jobs nobody claimed (plain submissions,
+    submissions due beyond the claim horizon, follow-ups), ``NOTIFY channel`` is sent with the
+    commit, in the same round trip: a hint that wakes claimers, delivered only if the batch
+    commits. A batch whose new jobs were all claimed at insert wakes nobody.
+
+    The transaction is driven by hand (``BEGIN`` ... ``NOTIFY; COMMIT`` as one simple query)
+    rather than by ``con.transaction()``, which would spend a round trip on the notification.
     """
-    async with con.transaction():
+    await con.execute("BEGIN")
+    try:
         i = 0
-        stores_jobs = False
+        unclaimed = False
         while i < len(batch):
             kind = type(batch[i])
             j = i + 1
             while j < len(batch) and type(batch[j]) is kind:
                 j += 1
-            await _APPLY[kind](con, batch[i:j])
-            stores_jobs = stores_jobs or kind is Submit or kind is Finish
+            unclaimed = await _APPLY[kind](con, batch[i:j]) or unclaimed
             i = j
-        if channel is not None and stores_jobs:
-            await con.execute("SELECT pg_notify($1, '')", channel)
+        if channel is not None and unclaimed:
+            await con.execute(f"NOTIFY {ps.quote_ident(channel)}; COMMIT")
+        else:
+            await con.execute("COMMIT")
+    except BaseException:
+        if not con.is_closed() and con.is_in_transaction():
+            with contextlib.suppress(Exception):  # the original error is what counts
+                await con.execute("ROLLBACK")
+        raise
 
 
 # -- the other writes, as functions for Call ---------------------------------------------------
