@@ -17,7 +17,11 @@ each ``* * * * * *`` (six fields, seconds first: once a second), so the occurren
 the overlap policy's choice, not a miss), ``misfire = "catch_up"`` with ``misfire_grace = "1h"``
 and ``max_catch_up = 3600`` (a restarted kernel catches up every occurrence since the task's
 stored ``last_scheduled_at``; they are all fired already unless the whole fleet was down).
-``[fleet]``: ``heartbeat = "1s"``, ``ttl = "3s"``. Each kernel has its own data dir
+``[fleet]``: ``heartbeat = "1s"``, ``ttl = "3s"``; ``[store] history_max_rows`` is raised above
+every run the benchmark makes (the default 100k would prune the first runs of a long run and
+the check would count them missed); ``[scheduler] max_concurrency = max(256, --tasks)`` (kernels
+race to fire each instant and one of them usually wins the whole herd of that second, so it
+may have to run all of it at once). Each kernel has its own data dir
 (``KERNEL_DATA_DIR``) and API port (``/healthz`` tells when it is up).
 
 The run:
@@ -62,6 +66,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -117,7 +122,10 @@ def machine() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "cpu": model}
 
 
-def write_config(path: Path, dsn: str, schema: str, tasks: int) -> None:
+def write_config(path: Path, dsn: str, schema: str, tasks: int, minutes: float) -> None:
+    # run history is pruned beyond history_max_rows (100k by default): keep every run of the
+    # whole run (and the drain) with room to spare, or the check would find runs "missing"
+    keep_runs = max(100_000, int(tasks * (minutes * 60 + 600) * 2))
     head = f"""# written by scripts/cron_chaos.py
 [kernel]
 log_level = "warning"
@@ -127,11 +135,12 @@ shutdown_grace = "5s"
 backend = "postgres"
 dsn = "{dsn}"
 schema = "{schema}"
+history_max_rows = {keep_runs}
 [fleet]
 heartbeat = "1s"
 ttl = "3s"
 [scheduler]
-max_concurrency = 256
+max_concurrency = {max(256, tasks)}
 queue_depth = 1000000
 """
     task = """
@@ -244,7 +253,7 @@ class Chaos:
                 break
             await asyncio.sleep(KILL_POLL)
         box.kill()
-        ev = {"event": "kill", "t": self.rel(), "kernel": box.k, "pid": pid,
+        ev = {"event": "kill", "t": self.rel(), "at": round(time.time(), 3), "kernel": box.k, "pid": pid,
               "kernel_id": ids[0] if len(ids) == 1 else ids, "condition": condition,
               "running": running, "claimed": claimed}
         self.kills.append(ev)
@@ -336,6 +345,11 @@ async def check(con: Any, tasks: int, lo: int, hi: int) -> dict[str, Any]:
         "count(*) FILTER (WHERE att > 1), coalesce(sum(sup), 0)::int8, count(*) FROM r",
         like, lo, hi)
     unrun, dup_runs, rerun, superseded, fired_jobs = per
+    rerun_at = {int(r[0]): r[1] for r in await con.fetch(
+        "SELECT f.instant, count(DISTINCT f.job_id) FROM fired f JOIN runs r "
+        "ON r.job_id = f.job_id AND r.outcome = 'succeeded' AND NOT r.superseded "
+        "AND r.attempt > 1 WHERE f.task_id LIKE $1 AND f.instant >= $2 AND f.instant <= $3 "
+        "GROUP BY 1 ORDER BY 1", like, lo, hi)}
     unrun_outcomes = {r[0] or "no run": r[1] for r in await con.fetch(
         "WITH f AS (SELECT job_id FROM fired WHERE task_id LIKE $1 AND instant >= $2 "
         "AND instant <= $3), bad AS (SELECT f.job_id FROM f LEFT JOIN runs r "
@@ -379,7 +393,8 @@ async def check(con: Any, tasks: int, lo: int, hi: int) -> dict[str, Any]:
         "missed_unrun": unrun, "missed_unrun_outcomes": unrun_outcomes,
         "still_stored": still_stored, "missed": missed_unfired + unrun,
         "duplicate_runs": dup_runs, "duplicate_jobs": len(orphan_dups),
-        "duplicates": duplicates, "rerun_after_kill": rerun, "superseded_runs": superseded,
+        "duplicates": duplicates, "rerun_after_kill": rerun,
+        "rerun_by_instant": rerun_at, "superseded_runs": superseded,
         "orphan_runs_outside_window": len(orphans) - len(orphan_dups),
         "fired_jobs": fired_jobs,
         "misfire_records": len(misfire_rows),
@@ -393,10 +408,12 @@ async def check(con: Any, tasks: int, lo: int, hi: int) -> dict[str, Any]:
     }
 
 
-def log_errors(boxes: list[Box]) -> dict[str, Any]:
-    """Error lines of the kernels' logs (JSON lines at warning and above)."""
+def kernel_logs(boxes: list[Box]) -> dict[str, Any]:
+    """What the kernels logged (JSON lines, warning and above): lines per level, the most
+    frequent messages (digits folded, so one line stands for many), errors with their time."""
     levels: Counter[str] = Counter()
-    first: list[str] = []
+    kinds: Counter[str] = Counter()
+    errors: list[str] = []
     for b in boxes:
         path = b.dir / "kernel.log"
         if not path.exists():
@@ -406,12 +423,14 @@ def log_errors(boxes: list[Box]) -> dict[str, Any]:
                 rec = json.loads(line)
                 level = str(rec.get("level", "?")).lower()
                 msg = str(rec.get("message", rec.get("msg", line)))
+                ts = str(rec.get("ts", ""))
             except (ValueError, AttributeError):
-                level, msg = "text", line
+                level, msg, ts = "text", line, ""
             levels[level] += 1
-            if level in {"error", "critical", "text"} and len(first) < 10:
-                first.append(f"k{b.k}: {msg[:300]}")
-    return {"log_lines": dict(levels), "log_errors_first": first}
+            kinds[f"{level}: {re.sub(r'[0-9]+', '#', msg)[:160]}"] += 1
+            if level in {"error", "critical", "text"} and len(errors) < 20:
+                errors.append(f"{ts} k{b.k}: {msg[:300]}")
+    return {"levels": dict(levels), "top": dict(kinds.most_common(8)), "errors": errors}
 
 
 async def main_async(a: argparse.Namespace, dsn: str) -> dict[str, Any]:
@@ -420,7 +439,7 @@ async def main_async(a: argparse.Namespace, dsn: str) -> dict[str, Any]:
     schema = fresh_schema("cronchaos")
     work = Path(tempfile.mkdtemp(prefix="cron-chaos-"))
     cfg = work / "config.toml"
-    write_config(cfg, dsn, schema, a.tasks)
+    write_config(cfg, dsn, schema, a.tasks, a.minutes)
     emit({"event": "setup", "work_dir": str(work), "schema": schema, "tasks": a.tasks,
           "kernels": a.kernels, "minutes": a.minutes, "kill_every": a.kill_every,
           "seed": a.seed, **machine()})
@@ -472,10 +491,9 @@ async def main_async(a: argparse.Namespace, dsn: str) -> dict[str, Any]:
             **machine(), "ok": result["missed"] == 0 and result["duplicates"] == 0,
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        errs = log_errors(boxes)
-        summary["kernel_log_lines"] = errs["log_lines"]
-        if errs["log_errors_first"]:
-            emit({"event": "kernel_log_errors", "first": errs["log_errors_first"]})
+        logs = kernel_logs(boxes)
+        summary["kernel_log_lines"] = logs["levels"]
+        emit({"event": "kernel_log", **logs})
         emit(summary)
         ok = bool(summary["ok"])
         return summary
