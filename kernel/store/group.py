@@ -7,6 +7,13 @@ queued (up to ``max_weight`` jobs; one call is never split) and hands it to the 
 is in flight new requests queue up, so the group size follows the load without a timer: an idle
 store commits a lone request at once, a busy one hundreds per transaction.
 
+``depth`` groups may be in flight at once (the PostgreSQL store: 2, one per writer connection),
+so that the server executes one group while the kernel builds the next, instead of the two
+taking turns. Groups in flight together hold only operations that were all unacknowledged at
+the same time, so any order between them is a valid order: an operation that depends on
+another is issued after that one's future settled, i.e. after its group committed. SQLite has
+one writer: depth 1.
+
 Used by the SQLite and the PostgreSQL store.
 """
 
@@ -26,13 +33,15 @@ class GroupCommit:
     :param commit: runs one group as one transaction and settles (or fails) its operations.
     :param where: names the store in error messages.
     :param max_weight: the most jobs one group takes.
+    :param depth: groups committed at once (each on its own connection, by ``commit``).
     """
 
     def __init__(self, commit: Callable[[list[Op]], Awaitable[None]], where: str,
-                 max_weight: int) -> None:
+                 max_weight: int, depth: int = 1) -> None:
         self._commit = commit
         self.where = where
         self.max_weight = max(1, max_weight)
+        self.depth = max(1, depth)
         self.queue: list[Op] = []
         self._wake = asyncio.Event()
         self.closing = False
@@ -58,11 +67,17 @@ class GroupCommit:
     async def run(self) -> None:
         """The writer task's body: commit groups until closed and drained."""
         queue = self.queue
+        inflight: set[asyncio.Task[None]] = set()
         try:
             while True:
-                if not queue:
-                    if self.closing:
-                        return
+                if queue and len(inflight) < self.depth:
+                    pass  # take a group below
+                elif queue or (self.closing and inflight):  # at depth, or draining at close
+                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                elif self.closing:
+                    return
+                else:
                     self._wake.clear()
                     await self._wake.wait()
                     await asyncio.sleep(0)  # let coroutines that are already runnable join
@@ -75,8 +90,15 @@ class GroupCommit:
                         break
                 group = queue[:taken]
                 del queue[:taken]
-                await self._commit(group)
+                if self.depth == 1:
+                    await self._commit(group)
+                else:
+                    task = asyncio.ensure_future(self._commit(group))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
         finally:  # cancelled (an event loop torn down with the store open): nobody hangs
+            for task in inflight:
+                task.cancel()  # the commit fails its own operations
             for op in queue:
                 op.fail(StoreError(f"{self.where}: the store's writer stopped; not stored"))
             queue.clear()

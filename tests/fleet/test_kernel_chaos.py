@@ -70,6 +70,10 @@ schedule = "* * * * * *"
 action = "python"
 payload = {{ target = "crashprobe:record", kwargs = {{ out = "{out}", tag = "k{k}" }}, pass_context = true }}
 misfire = "catch_up"
+# every instant must run: under load (a stalled loop) two instants can come due together, and
+# the default overlap policy ("skip") would then skip one by design, which is not the fleet's
+# once-only rule this test checks
+overlap = "allow_all"
 max_catch_up = 1000
 misfire_grace = "1h"
 """)

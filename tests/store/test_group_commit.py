@@ -1,0 +1,144 @@
+"""``GroupCommit``: the queue and loop both stores' writers use. Driven by a commit function whose
+groups the test ends by hand, so what is in flight at each moment is decided, not timed."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from kernel.errors import StoreError
+from kernel.store.group import GroupCommit
+from kernel.store.sqlite_tx import Op
+
+
+class HeldCommits:
+    """A commit function that records each group and holds it until :meth:`end` is called."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[Op]] = []
+        self.gates: list[asyncio.Event] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def __call__(self, group: list[Op]) -> None:
+        gate = asyncio.Event()
+        number = len(self.groups) + 1  # each op's result: the number of its group
+        self.groups.append(group)
+        self.gates.append(gate)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            for op in group:
+                op.fail(StoreError("cancelled in the commit"))
+            raise
+        finally:
+            self.in_flight -= 1
+        for op in group:
+            op.result = number
+            op.settle()
+
+    def end(self, k: int) -> None:
+        self.gates[k].set()
+
+
+def op() -> Op:
+    return Op(asyncio.get_running_loop().create_future())
+
+
+class Heavy(Op):
+    """A call that carries five jobs (an Op's weight)."""
+
+    weight = 5
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+async def test_at_most_depth_groups_are_in_flight_and_later_requests_wait_for_a_free_one(
+        depth: int) -> None:
+    commits = HeldCommits()
+    g = GroupCommit(commits, "test", max_weight=100, depth=depth)
+    writer = asyncio.ensure_future(g.run())
+    futs: list[asyncio.Future[Any]] = []
+    for _ in range(depth + 2):  # one request at a time: each one finds the writer idle
+        futs.append(g.put(op()))
+        await settle()
+    assert len(commits.groups) == depth  # depth groups of one; the rest queued together
+    assert commits.in_flight == depth
+    commits.end(0)
+    await settle()
+    assert futs[0].done() and futs[0].result() == 1
+    assert len(commits.groups) == depth + 1  # the queued requests went as one group
+    assert [len(gr) for gr in commits.groups[depth:]] == [2]
+    for k in range(1, depth + 1):
+        commits.end(k)
+    g.close()
+    await asyncio.wait_for(writer, 5)
+    assert all(f.done() and not f.exception() for f in futs)
+    assert commits.most_in_flight == depth
+
+
+async def test_close_waits_for_the_groups_in_flight_then_refuses_new_requests() -> None:
+    commits = HeldCommits()
+    g = GroupCommit(commits, "test", max_weight=100, depth=2)
+    writer = asyncio.ensure_future(g.run())
+    a = g.put(op())
+    await settle()
+    b = g.put(op())
+    await settle()
+    g.close()
+    await settle()
+    assert not writer.done()  # two commits still in flight: nothing may be left unsettled
+    commits.end(1)
+    await settle()
+    assert not writer.done() and b.done() and not a.done()
+    commits.end(0)
+    await asyncio.wait_for(writer, 5)
+    assert a.result() == 1 and b.result() == 2
+    with pytest.raises(StoreError):
+        g.put(op())
+
+
+async def test_a_cancelled_writer_fails_what_is_queued_and_what_is_in_flight() -> None:
+    commits = HeldCommits()
+    g = GroupCommit(commits, "test", max_weight=100, depth=2)
+    writer = asyncio.ensure_future(g.run())
+    futs = [g.put(op())]
+    await settle()
+    futs.append(g.put(op()))
+    await settle()
+    futs.append(g.put(op()))  # queued: both commits are in flight
+    await settle()
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    await settle()
+    assert all(f.done() for f in futs)
+    assert all(isinstance(f.exception(), StoreError) for f in futs)
+
+
+async def test_one_call_is_never_split_and_a_group_stops_at_max_weight() -> None:
+    commits = HeldCommits()
+    g = GroupCommit(commits, "test", max_weight=3, depth=1)
+    writer = asyncio.ensure_future(g.run())
+    first = g.put(op())
+    await settle()  # in flight alone
+    rest = [g.put(Heavy(asyncio.get_running_loop().create_future())), g.put(op())]
+    await settle()
+    commits.end(0)
+    await settle()
+    assert first.done()
+    assert [len(gr) for gr in commits.groups] == [1, 1]  # the heavy call fills a group alone
+    commits.end(1)
+    await settle()
+    commits.end(2)
+    g.close()
+    await asyncio.wait_for(writer, 5)
+    assert all(f.done() for f in rest)
