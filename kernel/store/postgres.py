@@ -293,12 +293,15 @@ class PostgresStore(Store):
     async def _commit(self, batch: list[tx.Op]) -> None:
         error: BaseException | None = None
         con: asyncpg.Connection | None = None
+        left: list[tx.Op] = batch  # not written yet (the fast path may write some first)
         try:
             for attempt in range(_RETRIES):
                 try:
                     if con is None:
                         con = await self._take_writer()
-                    await tx.apply_batch(con, batch, self.channel)
+                    left = await tx.apply_starts_and_finishes(con, left)
+                    if left:
+                        await tx.apply_batch(con, left, self.channel)
                     error = None
                     break
                 except _RETRYABLE as e:
@@ -328,11 +331,15 @@ class PostgresStore(Store):
             self.batched_ops += len(batch)
             for op in batch:
                 op.settle()
-        else:
-            err = translate(error, self.where, f"writing a batch of {len(batch)} operations")
+        else:  # what the fast path wrote is stored: only the rest failed
+            err = translate(error, self.where, f"writing a batch of {len(left)} operations")
             self._last_error = err.message
+            failed = {id(op) for op in left}
             for op in batch:
-                op.fail(_copy(err))
+                if id(op) in failed:
+                    op.fail(_copy(err))
+                else:
+                    op.settle()
 
     def _enqueue(self, op: tx.Op) -> asyncio.Future[Any]:
         if not self._open:
