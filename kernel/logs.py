@@ -193,9 +193,14 @@ class EventLogger:
                 "action": r.action})
         elif isinstance(ev, MisfireDecided):
             rec = ev.record
-            self.log.warning("misfire: task %s missed %d occurrence(s); policy %s ran %d",
-                             rec.task_id, rec.missed, rec.policy, rec.ran,
-                             extra={"task_id": rec.task_id, "error_code": "ERR_MISFIRE_SKIPPED"})
+            if rec.missed == 0:  # every late occurrence ran (catch-up): nothing was skipped
+                self.log.info("task %s: %d late occurrence(s) run (policy %s)", rec.task_id,
+                              rec.ran, rec.policy, extra={"task_id": rec.task_id})
+            else:
+                self.log.warning("misfire: task %s missed %d occurrence(s); policy %s ran %d",
+                                 rec.task_id, rec.missed, rec.policy, rec.ran,
+                                 extra={"task_id": rec.task_id,
+                                        "error_code": "ERR_MISFIRE_SKIPPED"})
         elif isinstance(ev, ConfigReloaded):
             if ev.error:
                 self.log.error("reload from %s rejected: %s", ev.source, ev.error,

@@ -139,3 +139,38 @@ def test_no_prefix_when_stderr_is_not_the_journal(tmp_path: Path) -> None:
     buf = io.StringIO()  # no file descriptor at all
     _log_to(buf, "json", {"JOURNAL_STREAM": "1:2"})
     assert buf.getvalue().startswith("{")
+
+
+def test_a_misfire_is_a_warning_only_when_occurrences_were_skipped() -> None:
+    from kernel.events import MisfireDecided
+    from kernel.records import MisfireRecord
+
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    logger = logging.getLogger("kernel.runs")
+    handler, old_level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        sink = logs.EventLogger()
+
+        def decided(missed: int, ran: int) -> MisfireDecided:
+            return MisfireDecided(at=10.0, record=MisfireRecord(
+                task_id="t", decided_at=10.0, policy="catch_up", missed=missed,
+                first_missed=1.0, last_missed=5.0, ran=ran))
+
+        sink(decided(missed=0, ran=5))  # every late occurrence ran: nothing was missed
+        sink(decided(missed=3, ran=1))  # three skipped by the policy
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    caught_up, skipped = [r for r in seen if "t" in r.getMessage()]
+    assert caught_up.levelno == logging.INFO
+    assert getattr(caught_up, "error_code", None) is None
+    assert "5" in caught_up.getMessage() and "missed" not in caught_up.getMessage()
+    assert skipped.levelno == logging.WARNING
+    assert getattr(skipped, "error_code", None) == "ERR_MISFIRE_SKIPPED"
