@@ -18,6 +18,7 @@ abandon any that ignore the cancellation, flush and close the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -166,15 +167,20 @@ class Kernel:
     async def run(self, *, started: asyncio.Event | None = None) -> None:
         """Run until ``stop()``: recover, arm, serve, then shut down in order."""
         await self.store.open()
+        beats: asyncio.Task[None] | None = None
         try:
             if self.fleet is not None:  # jobs come by claims, not by loading the store
                 await self.fleet.join()
+                # from the moment it joined: a long start-up (thousands of tasks catching up)
+                # must not get it declared dead by the others
+                beats = asyncio.create_task(self.fleet.heartbeats(), name="fleet-heartbeats")
+                beats.add_done_callback(_heartbeats_ended)
                 loaded = rerun = 0
             else:
                 loaded, rerun = await self._recover()
             states = await self.store.schedule_states()
-            for tc in self.config.tasks:
-                await self._make_durable(self.timetable.install(tc, states.get(tc.id)))
+            await self._make_durable_all([self.timetable.install(tc, states.get(tc.id))
+                                          for tc in self.config.tasks])
             self.timetable.rebuild_dependents()
             self._accepting = not self._stopping  # stop() may come during start-up
             started_event = KernelStarted(
@@ -187,6 +193,10 @@ class Kernel:
         finally:
             self._accepting = False
             self._serving = False
+            if beats is not None:
+                beats.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beats
             await self.store.close()
             self._stopped.set()
 
@@ -202,8 +212,7 @@ class Kernel:
                     self._guarded(type(sub).__name__, sub.run())))
             service_tasks.append(services.create_task(self._maintenance()))
             service_tasks.append(services.create_task(self.journal.keep_saving()))
-            if self.fleet is not None:
-                service_tasks.append(services.create_task(self.fleet.heartbeats()))
+            if self.fleet is not None:  # (its heartbeats began at join: see run)
                 service_tasks.append(services.create_task(self.fleet.claims()))
             for svc in self._extra_services:
                 service_tasks.append(services.create_task(svc(self)))
@@ -329,6 +338,33 @@ class Kernel:
             f = tt.stale(rt, at, wall)
             if f:
                 await self._make_durable(f)
+
+    async def _make_durable_all(self, firings: list[Firing]) -> None:
+        """:meth:`_make_durable` for many tasks at once (start-up, reload): the misfire records
+        and the states as concurrent writes (the store commits them in groups), the
+        occurrences in chunks of ``FIRE_CHUNK``. Per task the order stays: misfire, occurrences,
+        state."""
+        fs = [f for f in firings if f]
+        misfires = [f.misfire for f in fs if f.misfire is not None]
+        if misfires:
+            await self._writes([self.store.record_misfire(m) for m in misfires])
+            for m in misfires:
+                self.bus.publish(MisfireDecided(at=self.clock.wall(), record=m))
+        for overlap in (True, False):
+            occ = [o for f in fs if f.overlap is overlap for o in f.occurrences]
+            for i in range(0, len(occ), FIRE_CHUNK):
+                await self._fire(occ[i:i + FIRE_CHUNK], overlap=overlap)
+        states = [f.state for f in fs if f.state is not None]
+        if states:
+            await self._writes([self.store.set_schedule_state(st) for st in states])
+
+    async def _writes(self, writes: list[Coroutine[Any, Any, None]]) -> None:
+        """Await store writes together; a refused one is reported, the others still count."""
+        for r in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(r, StoreError):
+                self._store_failed(r)
+            elif isinstance(r, BaseException):
+                raise r
 
     async def _make_durable(self, f: Firing) -> None:
         """Carry out a timetable decision: record the misfire, fire, save the state."""
@@ -728,8 +764,8 @@ class Kernel:
         tt.timezone = new.kernel.timezone
         for tid in diff.removed:
             tt.remove(tid)
-        for tid in diff.added + diff.changed:
-            await self._make_durable(tt.install(fresh[tid], states.get(tid)))
+        await self._make_durable_all([tt.install(fresh[tid], states.get(tid))
+                                      for tid in diff.added + diff.changed])
         tt.rebuild_dependents()
         self._pump()
         ev = ConfigReloaded(at=self.clock.wall(), source=source, added=diff.added,
@@ -821,3 +857,11 @@ class Kernel:
                 await self.store.purge_dedup(now)
             except StoreError as exc:
                 self._store_failed(exc)
+
+
+def _heartbeats_ended(task: asyncio.Task[None]) -> None:
+    """The heartbeat service ends only when cancelled; anything else is a bug to see at once
+    (without heartbeats the fleet declares this kernel dead after the TTL)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the fleet heartbeat service failed; this kernel will be declared dead",
+                     exc_info=task.exception())
