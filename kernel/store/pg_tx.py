@@ -40,10 +40,6 @@ _INSERT_RUNS: Final = (
     "superseded, body) SELECT * FROM unnest("
     + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_RUN_TYPES, start=1)) + ")"
 )
-_INSERT_JOBS: Final = (
-    f"INSERT INTO jobs ({', '.join(ps.JOB_COLUMNS)}) SELECT * FROM {ps.UNNEST_JOBS} "
-    "ON CONFLICT DO NOTHING RETURNING id"
-)
 _TAKE_KEYS: Final = (
     "INSERT INTO dedup (key, job_id, expires_at, taken_at, body) "
     "SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::bytea[]) "
@@ -235,8 +231,8 @@ async def insert_jobs(
     inserted: set[str] = set()
     if cand:
         rows = [ps.job_row(jobs[i], bodies[i], owner_of(i)) for i in cand]
-        cols = ps.columns(rows, len(ps.JOB_COLUMNS))
-        inserted = {r[0] for r in await con.fetch(_INSERT_JOBS, *cols)}
+        sql, params = ps.insert_jobs_sql(ps.columns(rows, len(ps.JOB_COLUMNS)))
+        inserted = {r[0] for r in await con.fetch(sql, *params)}
     missing = [i for i in cand if jobs[i].id not in inserted] + later
     for i in cand:
         if jobs[i].id in inserted:

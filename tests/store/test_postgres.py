@@ -173,3 +173,34 @@ async def test_fleet_calls_on_a_closed_store_refuse(pg_cluster: PgCluster) -> No
             job_id="j", task_id=None, action="log", trace_id="t", span_id="s",
             scheduled_at=None, started_at=1.0, finished_at=2.0, attempt=1,
             outcome=Outcome.SUCCEEDED))
+
+
+def test_insert_statement_passes_columns_equal_across_the_batch_once() -> None:
+    from kernel.store import pg_schema as ps
+
+    rows = [ps.job_row(job("a", 1.0), b"x", "k1"), ps.job_row(job("b", 2.0, priority=5), b"y", "k1")]
+    sql_text, params = ps.insert_jobs_sql(ps.columns(rows, len(ps.JOB_COLUMNS)))
+    scalars = [p for p in params if not isinstance(p, list)]
+    arrays = [p for p in params if isinstance(p, list)]
+    # id, due_at, body and priority differ; state, kind, owner, attempt... are one value each
+    assert arrays == [["a", "b"], [1.0, 2.0], [0, 5], [b"x", b"y"]]
+    assert "k1" in scalars and "pending" in scalars
+    assert sql_text.count("[]") == 4 and "$" in sql_text
+
+
+async def test_a_batch_mixing_kinds_priorities_and_owners_is_stored_as_given(
+        pg_cluster: PgCluster) -> None:
+    async with PostgresStore(pg_cluster.dsn, schema=fresh_schema()) as s:
+        await s.register_kernel("k", "h", 1, now=0.0)
+        jobs = [job("p", 1.0, priority=3), job("q", 1.0, gpu_memory_mb=512),
+                job("c", 1.0, kind=JobKind.CRON, task_id="t", scheduled_at=1.0),
+                job("far", 99.0, attempt=2)]
+        _, owned = await s.submit_claimed(jobs, now=0.0, owner="k", claim_before=5.0)
+        assert owned == [True, True, True, False]
+        got = {j.id: j for j in await s.get_jobs(["p", "q", "c", "far"])}
+        assert (got["p"].priority, got["q"].gpu_memory_mb, got["far"].attempt) == (3, 512, 2)
+        assert (got["c"].kind, got["c"].task_id, got["c"].scheduled_at) == (JobKind.CRON, "t", 1.0)
+        assert [j.id for j in await s.owned_jobs("k")] == ["p", "q", "c"]
+        # every column equal: one value each, still stored per job
+        await s.submit([job("s1", 5.0), job("s2", 5.0)], now=0.0)
+        assert sorted(j.id for j in await s.get_jobs(["s1", "s2"])) == ["s1", "s2"]
