@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import threading
+from collections.abc import Iterator
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
@@ -14,29 +14,27 @@ _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-
 _SEQ = itertools.count(int.from_bytes(os.urandom(4), "big") << 16)
 
 # Random hex from the OS, read 64 KiB at a time: one getrandom() call per ~1,600 jobs instead
-# of three per job (measured: the three calls were 8 % of a fleet kernel's CPU per run). The
-# buffer is dropped in a forked child, which must not repeat its parent's ids.
+# of three per job (measured: the three calls were 8 % of a fleet kernel's CPU per run). Each
+# size has an iterator over the pieces of one block: ``next()`` on it is atomic under the GIL,
+# so threads never get the same piece (two threads refilling at once just waste a block). The
+# blocks are dropped in a forked child, which must not repeat its parent's ids.
 _POOL_BYTES = 65_536
-_pool = ""
-_at = 0
-
-
-_lock = threading.Lock()  # ids may be drawn from threads too (CLI, to_thread helpers)
+_pieces: dict[int, Iterator[str]] = {}
 
 
 def _hex(nbytes: int) -> str:
-    global _pool, _at
-    n = 2 * nbytes
-    with _lock:
-        if _at + n > len(_pool):
-            _pool, _at = os.urandom(_POOL_BYTES).hex(), 0
-        _at += n
-        return _pool[_at - n : _at]
+    try:
+        return next(_pieces[nbytes])
+    except (KeyError, StopIteration):
+        block = os.urandom(_POOL_BYTES).hex()
+        n = 2 * nbytes
+        it = iter([block[i : i + n] for i in range(0, len(block) - n + 1, n)])
+        _pieces[nbytes] = it
+        return next(it)
 
 
 def _forget_pool() -> None:
-    global _pool, _at
-    _pool, _at = "", 0
+    _pieces.clear()
 
 
 os.register_at_fork(after_in_child=_forget_pool)
