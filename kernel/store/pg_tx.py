@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
@@ -458,28 +459,55 @@ async def apply_batch(con: Con, batch: Sequence[Op], channel: str | None = None)
 
 # -- the hot path of a fleet kernel: starts and finishes as one statement ---------------------
 
-# The owner is compared as a join column (``u.o``, the owner repeated server-side by
+# The owner is compared as a join column (``u.own``, the owner repeated server-side by
 # ``array_fill``), not as a constant filter: a constant ``j.owner = $4`` makes the planner
 # expect one matching row and pick a nested loop over the batch (quadratic: 65k comparisons
 # for 256 starts, measured as twice the server's CPU per job). The redundant
 # ``j.id = ANY(...)`` keeps primary-key lookups whatever the table's statistics say.
-_STARTS_AND_FINISHES: Final = (
-    "WITH m AS ("
-    " UPDATE jobs j SET state = 'running', started_at = u.s, attempt = u.a"
-    " FROM unnest($1::text[], $2::float8[], $3::int4[],"
-    " array_fill($4::text, ARRAY[cardinality($1::text[])])) AS u(id, s, a, o)"
-    " WHERE j.id = u.id AND j.owner = u.o AND j.id = ANY($1::text[]) RETURNING j.id),"
-    " g AS (DELETE FROM jobs j"
-    " USING unnest($5::text[], array_fill($4::text, ARRAY[cardinality($5::text[])])) AS u(id, o)"
-    " WHERE j.id = u.id AND j.owner = u.o AND j.id = ANY($5::text[]) RETURNING j.id),"
-    " r AS ("
-    " INSERT INTO runs (job_id, task_id, outcome, trace_id, finished_at, attempt, owner,"
-    " superseded, body)"
-    " SELECT u.j, u.t, u.o, u.tr, u.f, u.a, $4, false, u.b FROM unnest($5::text[], $6::text[],"
-    " $7::text[], $8::text[], $9::float8[], $10::int4[], $11::bytea[])"
-    " AS u(j, t, o, tr, f, a, b) WHERE u.j IN (SELECT id FROM g) RETURNING job_id)"
-    " SELECT true, id FROM m UNION ALL SELECT false, job_id FROM r"
-)
+@functools.lru_cache(maxsize=32)
+def _starts_and_finishes_sql(scalar: frozenset[int]) -> str:
+    """The one statement of :func:`apply_starts_and_finishes`. Parameters: marks ``$1`` ids,
+    ``$2`` started_at, ``$3`` attempt; ``$4`` the owner; finishes ``$5`` job ids, ``$6``
+    task_id, ``$7`` outcome, ``$8`` trace_id, ``$9`` finished_at, ``$10`` attempt, ``$11``
+    body. Those in ``scalar`` (3, 6, 7, 10: equal across the group, as they usually are) are
+    one value instead of an array."""
+    def col(n: int, name: str, typ: str, arrays: list[str], names: list[str]) -> str:
+        if n in scalar:
+            return f"${n}::{typ}"
+        arrays.append(f"${n}::{typ}[]")
+        names.append(name)
+        return f"u.{name}"
+
+    m_arrays, m_names = ["$1::text[]", "$2::float8[]"], ["id", "s"]
+    m_attempt = col(3, "a", "int4", m_arrays, m_names)
+    f_arrays, f_names = ["$5::text[]"], ["j"]
+    t = col(6, "t", "text", f_arrays, f_names)
+    o = col(7, "o", "text", f_arrays, f_names)
+    tr = col(8, "tr", "text", f_arrays, f_names)
+    f = col(9, "f", "float8", f_arrays, f_names)
+    a = col(10, "a", "int4", f_arrays, f_names)
+    b = col(11, "b", "bytea", f_arrays, f_names)
+    return (
+        "WITH m AS ("
+        f" UPDATE jobs j SET state = 'running', started_at = u.s, attempt = {m_attempt}"
+        f" FROM unnest({', '.join(m_arrays)}, array_fill($4::text, ARRAY[cardinality($1::text[])]))"
+        f" AS u({', '.join(m_names)}, own)"
+        " WHERE j.id = u.id AND j.owner = u.own AND j.id = ANY($1::text[]) RETURNING j.id),"
+        " g AS (DELETE FROM jobs j"
+        " USING unnest($5::text[], array_fill($4::text, ARRAY[cardinality($5::text[])]))"
+        " AS u(id, own)"
+        " WHERE j.id = u.id AND j.owner = u.own AND j.id = ANY($5::text[]) RETURNING j.id),"
+        " r AS ("
+        " INSERT INTO runs (job_id, task_id, outcome, trace_id, finished_at, attempt, owner,"
+        f" superseded, body) SELECT u.j, {t}, {o}, {tr}, {f}, {a}, $4, false, {b}"
+        f" FROM unnest({', '.join(f_arrays)}) AS u({', '.join(f_names)})"
+        " WHERE u.j IN (SELECT id FROM g) RETURNING job_id)"
+        " SELECT true, id FROM m UNION ALL SELECT false, job_id FROM r"
+    )
+
+
+def _same(values: list[Any]) -> bool:
+    return bool(values) and all(v == values[0] for v in values)
 
 
 async def apply_starts_and_finishes(con: Con, batch: Sequence[Op]) -> list[Op]:
@@ -512,13 +540,16 @@ async def apply_starts_and_finishes(con: Con, batch: Sequence[Op]) -> list[Op]:
     if owner is None:
         return list(batch)
     runs = [op.run for op in fins.values()]
-    rows = await con.fetch(
-        _STARTS_AND_FINISHES,
-        list(marks), [op.args[1] for op in marks.values()],
-        [op.args[2] for op in marks.values()], owner,
-        list(fins), [r[1] for r in runs], [r[2] for r in runs], [r[3] for r in runs],
-        [r[4] for r in runs], [r[5] for r in runs], [r[8] for r in runs],
-    )
+    params: dict[int, Any] = {
+        1: list(marks), 2: [op.args[1] for op in marks.values()],
+        3: [op.args[2] for op in marks.values()], 4: owner, 5: list(fins),
+        6: [r[1] for r in runs], 7: [r[2] for r in runs], 8: [r[3] for r in runs],
+        9: [r[4] for r in runs], 10: [r[5] for r in runs], 11: [r[8] for r in runs],
+    }
+    scalar = frozenset(n for n in (3, 6, 7, 10) if _same(params[n]))
+    for n in scalar:
+        params[n] = params[n][0]
+    rows = await con.fetch(_starts_and_finishes_sql(scalar), *(params[n] for n in range(1, 12)))
     started = {r[1] for r in rows if r[0]}
     finished = {r[1] for r in rows if not r[0]}
     for jid, mark in marks.items():

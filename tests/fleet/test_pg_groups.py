@@ -119,3 +119,35 @@ async def test_only_commits_that_leave_jobs_unclaimed_wake_the_claimers(fleet: F
 async def _run_owners(store: PostgresStore) -> dict[str, str]:
     async with store._pool.acquire() as con:  # type: ignore[union-attr]
         return {r[0]: r[1] for r in await con.fetch("SELECT job_id, owner FROM runs")}
+
+
+async def test_a_group_of_unlike_runs_records_each_as_it_was(fleet: Fleet) -> None:
+    from kernel.records import Outcome, RunRecord
+
+    a = await fleet.store()
+    await a.register_kernel("ka", "h", 1, now=0.0)
+    await a.submit_claimed([job(n, 1.0) for n in ("u1", "u2", "u3")], now=0.0, owner="ka",
+                           claim_before=5.0)
+    await together(*(a.mark_running_owned("ka", n, 1.0, att)
+                     for n, att in (("u1", 1), ("u2", 3), ("u3", 2))))
+
+    def rec(jid: str, task: str | None, outcome: Outcome, attempt: int) -> RunRecord:
+        return RunRecord(job_id=jid, task_id=task, action="log", trace_id=f"tr-{jid}",
+                         span_id="s", scheduled_at=None, started_at=1.0, finished_at=2.0,
+                         attempt=attempt, outcome=outcome)
+
+    assert await together(
+        a.finish_owned("ka", "u1", rec("u1", "nightly", Outcome.SUCCEEDED, 1)),
+        a.finish_owned("ka", "u2", rec("u2", None, Outcome.FAILED, 3)),
+        a.finish_owned("ka", "u3", rec("u3", "other", Outcome.TIMED_OUT, 2)),
+    ) == [True, True, True]
+    async with a._pool.acquire() as con:  # type: ignore[union-attr]
+        rows = await con.fetch("SELECT job_id, task_id, outcome, trace_id, attempt, owner "
+                               "FROM runs ORDER BY job_id")
+    assert [tuple(r) for r in rows] == [
+        ("u1", "nightly", "succeeded", "tr-u1", 1, "ka"),
+        ("u2", None, "failed", "tr-u2", 3, "ka"),
+        ("u3", "other", "timed_out", "tr-u3", 2, "ka"),
+    ]
+    by_id = {r.job_id: r for r in await a.query_runs(RunQuery())}
+    assert (by_id["u2"].outcome, by_id["u3"].attempt) == (Outcome.FAILED, 2)
