@@ -9,7 +9,9 @@ processes start on a fresh schema, then each one, in its own process:
 
 * ``cycle``: submits ``--jobs`` no-op jobs due now through ``Kernel.submit_many`` (1000 per
   call): submit (claimed at insert) -> start (owner-checked mark) -> finish (owner-checked, run
-  history); the figure is jobs run per second from the first submission to the last finish;
+  history); the figure is jobs run per second from the first submission to the last finish,
+  with ``--concurrency`` runs at once (``[scheduler] max_concurrency``, default 1024: no-op
+  jobs; the kernel's own default, 8, is for GPU work);
 * ``claimed_ahead``: 2000 jobs due from 1 s after submission on, 1000 a second, submitted to
   the fleet's first kernel: claimed ahead into a wheel; due-to-start lateness p50/p99;
 * ``submit_500``: 500 coroutines awaiting ``Kernel.submit`` of one job each (due in an hour,
@@ -44,7 +46,8 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def worker(dsn: str, schema: str, k: int, jobs: int, ahead: bool) -> None:
+async def worker(dsn: str, schema: str, k: int, jobs: int, ahead: bool,
+                 concurrency: int) -> None:
     from kernel import config as config_mod
     from kernel.app import SubmitRequest
     from kernel.clock import SystemClock
@@ -70,7 +73,7 @@ backend = "postgres"
 dsn = "{dsn}"
 schema = "{schema}"
 [scheduler]
-max_concurrency = 256
+max_concurrency = {concurrency}
 queue_depth = 1000000
 """, "bench.toml")
     assert not [i for i in issues if i.severity == "error"], issues
@@ -142,13 +145,14 @@ queue_depth = 1000000
     await task
 
 
-def run_fleet(dsn: str, kernels: int, jobs: int) -> None:
+def run_fleet(dsn: str, kernels: int, jobs: int, concurrency: int) -> None:
     from tests.pg_cluster import fresh_schema
 
     schema = fresh_schema("bench")
     procs = [subprocess.Popen(
         [sys.executable, __file__, "--worker", dsn, schema, str(k), str(jobs),
-         "1" if k == 0 else "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+         "1" if k == 0 else "0", str(concurrency)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         for k in range(kernels)]
     for p in procs:  # wait until every kernel is up
         assert p.stdout is not None
@@ -163,6 +167,7 @@ def run_fleet(dsn: str, kernels: int, jobs: int) -> None:
         for line in p.stdout:
             row = json.loads(line)
             row["kernels"] = kernels
+            row["max_concurrency"] = concurrency
             print(json.dumps(row), flush=True)
             rows.append(row)
         p.wait()
@@ -170,7 +175,8 @@ def run_fleet(dsn: str, kernels: int, jobs: int) -> None:
     span = max(r["end"] for r in cyc) - min(r["start"] for r in cyc)
     total = sum(r["n"] for r in cyc)
     lat = [r for r in rows if r["scenario"] == "lateness" and r["runs"]]
-    print(json.dumps({"scenario": "fleet", "kernels": kernels, "jobs": total,
+    print(json.dumps({"scenario": "fleet", "kernels": kernels, "max_concurrency": concurrency,
+                      "jobs": total,
                       "per_s": round(total / span),
                       "submit_500_per_s": sum(r["per_s"] for r in rows
                                               if r["scenario"] == "submit_500"),
@@ -181,18 +187,20 @@ def run_fleet(dsn: str, kernels: int, jobs: int) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        dsn, schema, k, jobs, ahead = sys.argv[2:7]
+        dsn, schema, k, jobs, ahead, conc = sys.argv[2:8]
         try:
             import uvloop
             uvloop.install()
         except ImportError:
             pass
-        asyncio.run(worker(dsn, schema, int(k), int(jobs), ahead == "1"))
+        asyncio.run(worker(dsn, schema, int(k), int(jobs), ahead == "1", int(conc)))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=20_000, help="jobs per kernel in the cycle")
     ap.add_argument("--kernels", default="1,3", help="kernel counts to run, e.g. 1,3")
     ap.add_argument("--dsn", help="an existing database (default: a throwaway durable cluster)")
+    ap.add_argument("--concurrency", type=int, default=1024,
+                    help="[scheduler] max_concurrency of each kernel (no-op jobs: runs at once)")
     a = ap.parse_args()
     cluster = None
     dsn = a.dsn
@@ -204,7 +212,7 @@ def main() -> None:
         dsn = cluster.dsn
     try:
         for k in (int(x) for x in a.kernels.split(",")):
-            run_fleet(dsn, k, a.jobs)
+            run_fleet(dsn, k, a.jobs, a.concurrency)
     finally:
         if cluster is not None:
             cluster.stop()

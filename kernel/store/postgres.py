@@ -69,6 +69,12 @@ _RETRIES: Final = 5  # attempts of a batch that deadlocked or failed to serializ
 #: Group commits in flight at once, each on its own writer connection: the server executes one
 #: while the kernel builds the next (measured: one at a time, the two mostly took turns).
 WRITE_DEPTH: Final = 2
+#: The most jobs one group commit takes (one call, e.g. a 1,000-job submission, is never split).
+#: Small enough that a wave of starts or finishes larger than it (hundreds of runs ending in one
+#: loop turn) is split in groups that are in flight together: the server writes one while the
+#: kernel settles the other. Measured with 1,024 runs at once: 17.6k jobs/s per kernel at 256,
+#: 12.2k/s with one group per wave.
+WRITE_GROUP: Final = 256
 _RETRYABLE: Final = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _LOST: Final = (
     asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError,
@@ -132,7 +138,8 @@ class PostgresStore(Store):
     :param dsn: a libpq connection URI (``postgresql://user@host:5432/db``; a unix socket is
         ``postgresql:///db?host=/run/postgresql``).
     :param schema: the PostgreSQL schema (namespace) that holds the kernel's tables.
-    :param max_batch: the most jobs one group commit takes (one call is never split).
+    :param max_batch: the most jobs one group commit takes (one call is never split;
+        :data:`WRITE_GROUP`).
     :param pool_size: connections for reads and fleet operations (plus the writers, one per
         group commit in flight: :data:`WRITE_DEPTH`).
     :param connect_timeout: seconds to wait for a connection.
@@ -144,7 +151,7 @@ class PostgresStore(Store):
         dsn: str,
         *,
         schema: str = "kernel",
-        max_batch: int = 10_000,
+        max_batch: int = WRITE_GROUP,
         pool_size: int = 4,
         connect_timeout: float = 10.0,
         command_timeout: float | None = 60.0,
