@@ -5,12 +5,23 @@ that the kernel issues one after the other, for the same row, must be stored in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 import asyncpg
 import pytest
 
+from kernel.clock import SystemClock
+from kernel.fleet import FleetSettings
+from kernel.hookspecs import PluginContext
+from kernel.main import build
+from kernel.plugins import load as load_plugins
 from kernel.records import ScheduleState
+from kernel.store.pg_fleet import Rescue
 from kernel.store.pg_schema import quote_ident
+from kernel.store.postgres import PostgresStore
+
+from ..harness import make_config
 
 from .conftest import Fleet
 
@@ -76,3 +87,69 @@ async def test_a_later_state_write_of_one_task_is_not_overwritten_by_an_earlier_
     st = (await s.schedule_states())["t"]
     assert st.paused, ("the pause, issued last, was overwritten by the state write issued "
                        "before it (two groups in flight committed out of order)")
+
+
+class _LeaveRace(PostgresStore):
+    """A real PostgresStore that makes one interleaving happen on purpose (events, no fakes):
+    once ``armed``, the next heartbeat reaches the database just after ``expire_kernel``
+    (the kernel leaving the fleet) deleted the kernel's row, and its answer comes back before
+    ``expire_kernel``'s does. Both are pool operations on their own connections: any order
+    of the two is possible in production."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.armed = False
+        self.left = asyncio.Event()
+        self.beat_answered = asyncio.Event()
+        self.registered_after_leaving: list[str] = []
+
+    async def heartbeat(self, kernel_id: str, now: float | None) -> bool:
+        if self.armed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.left.wait(), 10)
+        alive = await super().heartbeat(kernel_id, now)
+        if self.left.is_set():
+            self.beat_answered.set()
+        return alive
+
+    async def expire_kernel(self, kernel_id: str) -> Rescue:
+        r = await super().expire_kernel(kernel_id)
+        if self.armed:
+            self.left.set()
+            with contextlib.suppress(TimeoutError):  # (fixed: no heartbeat comes any more)
+                await asyncio.wait_for(self.beat_answered.wait(), 2)
+        return r
+
+    async def register_kernel(self, kernel_id: str, host: str, pid: int,
+                              now: float | None) -> None:
+        if self.left.is_set():
+            self.registered_after_leaving.append(kernel_id)
+        await super().register_kernel(kernel_id, host, pid, now)
+
+
+@pytest.mark.slow
+async def test_a_kernel_that_left_the_fleet_does_not_register_again(fleet: Fleet) -> None:
+    """``Kernel.run`` now starts the heartbeats right after ``join()`` and cancels them in
+    its ``finally``, i.e. after ``_serve`` called ``fleet.leave()``. A heartbeat in flight
+    while the kernel leaves finds its row deleted, answers "declared dead", and the member
+    fences and registers again under a fresh id: a stopped kernel leaves a live-looking
+    registration behind (and logs a fencing error at an orderly stop). Before, heartbeats
+    were service tasks, cancelled before ``leave()``."""
+    store = _LeaveRace(fleet.cluster.dsn, schema=fleet.schema)
+    plugins = load_plugins(PluginContext(), extra=[], use_entry_points=False)
+    kernel = build(make_config(""), clock=SystemClock(), plugins=plugins, store=store)
+    assert kernel.fleet is not None
+    kernel.fleet.settings = FleetSettings(heartbeat=0.05, ttl=30.0, horizon=0.5, batch=50)
+    started = asyncio.Event()
+    task = asyncio.create_task(kernel.run(started=started))
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        store.armed = True
+        kernel.stop("test")
+        await asyncio.wait_for(task, 30)
+    finally:
+        if not task.done():
+            task.cancel()
+    assert store.left.is_set()
+    assert store.registered_after_leaving == [], (
+        "the kernel registered again after it left the fleet (a heartbeat ran after leave())")
