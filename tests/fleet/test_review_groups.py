@@ -22,7 +22,6 @@ from kernel.store.pg_schema import quote_ident
 from kernel.store.postgres import PostgresStore
 
 from ..harness import make_config
-
 from .conftest import Fleet
 
 
