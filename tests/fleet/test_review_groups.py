@@ -152,3 +152,41 @@ async def test_a_kernel_that_left_the_fleet_does_not_register_again(fleet: Fleet
     assert store.left.is_set()
     assert store.registered_after_leaving == [], (
         "the kernel registered again after it left the fleet (a heartbeat ran after leave())")
+
+
+@pytest.mark.slow
+async def test_a_failed_heartbeat_service_does_not_stop_the_store_from_closing(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_heartbeats_ended`` says a heartbeat service that ends with an exception is a bug to
+    log at once, and the kernel carries on. But ``Kernel.run``'s ``finally`` then does
+    ``await beats``, which raises that exception again: ``store.close()`` is skipped (the
+    writer task and connections stay open) and ``_stopped`` is never set, so
+    ``wait_stopped()`` hangs. The fault is injected (a bug in the upkeep, as a RuntimeError
+    from ``FleetMember._view``: nothing else in a real fleet raises it on demand)."""
+    failed = asyncio.Event()
+
+    def broken(self: object) -> None:
+        failed.set()  # the heartbeat task ends in this same step, with the error
+        raise RuntimeError("injected: a bug in the heartbeat's upkeep")
+
+    monkeypatch.setattr("kernel.fleet.FleetMember._view", broken)
+    store = PostgresStore(fleet.cluster.dsn, schema=fleet.schema)
+    plugins = load_plugins(PluginContext(), extra=[], use_entry_points=False)
+    kernel = build(make_config(""), clock=SystemClock(), plugins=plugins, store=store)
+    assert kernel.fleet is not None
+    kernel.fleet.settings = FleetSettings(heartbeat=0.05, ttl=30.0, horizon=0.5, batch=50)
+    started = asyncio.Event()
+    task = asyncio.create_task(kernel.run(started=started))
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        await asyncio.wait_for(failed.wait(), 10)
+        kernel.stop("test")
+        with contextlib.suppress(Exception):  # however it ends, it must close the store
+            await asyncio.wait_for(task, 30)
+    finally:
+        if not task.done():
+            task.cancel()
+        opened = store._open
+        await store.close()
+    assert not opened, "the store was left open: run()'s finally re-raised the heartbeat error"
+    assert kernel._stopped.is_set(), "wait_stopped() would hang"
