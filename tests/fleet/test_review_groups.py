@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from kernel.app import Kernel
 from kernel.clock import SystemClock
 from kernel.fleet import FleetSettings
 from kernel.hookspecs import PluginContext
@@ -88,6 +89,16 @@ async def test_a_later_state_write_of_one_task_is_not_overwritten_by_an_earlier_
                        "before it (two groups in flight committed out of order)")
 
 
+def _start_kernel(store: PostgresStore) -> tuple[Kernel, asyncio.Task[None], asyncio.Event]:
+    """A fleet kernel with no tasks on ``store``, fast heartbeats; its run task is started."""
+    plugins = load_plugins(PluginContext(), extra=[], use_entry_points=False)
+    kernel = build(make_config(""), clock=SystemClock(), plugins=plugins, store=store)
+    assert kernel.fleet is not None
+    kernel.fleet.settings = FleetSettings(heartbeat=0.05, ttl=30.0, horizon=0.5, batch=50)
+    started = asyncio.Event()
+    return kernel, asyncio.create_task(kernel.run(started=started)), started
+
+
 class _LeaveRace(PostgresStore):
     """A real PostgresStore that makes one interleaving happen on purpose (events, no fakes):
     once ``armed``, the next heartbeat reaches the database just after ``expire_kernel``
@@ -135,12 +146,7 @@ async def test_a_kernel_that_left_the_fleet_does_not_register_again(fleet: Fleet
     registration behind (and logs a fencing error at an orderly stop). Before, heartbeats
     were service tasks, cancelled before ``leave()``."""
     store = _LeaveRace(fleet.cluster.dsn, schema=fleet.schema)
-    plugins = load_plugins(PluginContext(), extra=[], use_entry_points=False)
-    kernel = build(make_config(""), clock=SystemClock(), plugins=plugins, store=store)
-    assert kernel.fleet is not None
-    kernel.fleet.settings = FleetSettings(heartbeat=0.05, ttl=30.0, horizon=0.5, batch=50)
-    started = asyncio.Event()
-    task = asyncio.create_task(kernel.run(started=started))
+    kernel, task, started = _start_kernel(store)
     try:
         await asyncio.wait_for(started.wait(), 30)
         store.armed = True
@@ -171,12 +177,7 @@ async def test_a_failed_heartbeat_service_does_not_stop_the_store_from_closing(
 
     monkeypatch.setattr("kernel.fleet.FleetMember._view", broken)
     store = PostgresStore(fleet.cluster.dsn, schema=fleet.schema)
-    plugins = load_plugins(PluginContext(), extra=[], use_entry_points=False)
-    kernel = build(make_config(""), clock=SystemClock(), plugins=plugins, store=store)
-    assert kernel.fleet is not None
-    kernel.fleet.settings = FleetSettings(heartbeat=0.05, ttl=30.0, horizon=0.5, batch=50)
-    started = asyncio.Event()
-    task = asyncio.create_task(kernel.run(started=started))
+    kernel, task, started = _start_kernel(store)
     try:
         await asyncio.wait_for(started.wait(), 30)
         await asyncio.wait_for(failed.wait(), 10)
