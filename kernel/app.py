@@ -193,10 +193,12 @@ class Kernel:
         finally:
             self._accepting = False
             self._serving = False
-            if beats is not None:
+            if beats is not None:  # no heartbeat may run after leaving: it would register again
                 beats.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # (logged already)
                     await beats
+            if self.fleet is not None and not self.fleet.fenced:
+                await self.fleet.leave()  # give back what this kernel claimed, at once
             await self.store.close()
             self._stopped.set()
 
@@ -239,8 +241,6 @@ class Kernel:
             await self.journal.flush()
             for t in service_tasks:
                 t.cancel()
-        if self.fleet is not None:
-            await self.fleet.leave()
 
     def stop(self, reason: str = "requested") -> None:
         """Begin an orderly shutdown (safe to call from a signal handler's callback)."""

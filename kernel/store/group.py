@@ -8,11 +8,14 @@ is in flight new requests queue up, so the group size follows the load without a
 store commits a lone request at once, a busy one hundreds per transaction.
 
 ``depth`` groups may be in flight at once (the PostgreSQL store: 2, one per writer connection),
-so that the server executes one group while the kernel builds the next, instead of the two
-taking turns. Groups in flight together hold only operations that were all unacknowledged at
-the same time, so any order between them is a valid order: an operation that depends on
-another is issued after that one's future settled, i.e. after its group committed. SQLite has
-one writer: depth 1.
+so that the server executes one while the kernel builds the next, instead of the two taking
+turns. Only groups of operations that commute (``Op.commutes``: submissions, starts and
+finishes, each for its own jobs) go beside each other: an operation that depends on another is
+issued after that one's future settled, i.e. after its group committed, so their relative order
+is free. A group holding anything else (a task's state, a cancel) waits until every group
+before it committed, and no group starts while it is in flight: those keep the order they were
+issued in (two state writes of one task must end as the last one issued). SQLite has one
+writer: depth 1.
 
 Used by the SQLite and the PostgreSQL store.
 """
@@ -67,37 +70,39 @@ class GroupCommit:
     async def run(self) -> None:
         """The writer task's body: commit groups until closed and drained."""
         queue = self.queue
-        inflight: set[asyncio.Task[None]] = set()
+        inflight: dict[asyncio.Task[None], bool] = {}  # commit -> holds ordered operations
         try:
             while True:
-                if queue and len(inflight) < self.depth:
-                    pass  # take a group below
-                elif queue or (self.closing and inflight):  # at depth, or draining at close
-                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                    continue
+                if queue:
+                    size = taken = 0
+                    for op in queue:
+                        size += op.weight
+                        taken += 1
+                        if size >= self.max_weight:
+                            break
+                    ordered = not all(op.commutes for op in queue[:taken])
+                    if inflight and (len(inflight) >= self.depth or ordered
+                                     or any(inflight.values())):
+                        await asyncio.wait(list(inflight), return_when=asyncio.FIRST_COMPLETED)
+                        continue
+                    group = queue[:taken]
+                    del queue[:taken]
+                    if self.depth == 1:
+                        await self._commit(group)
+                    else:
+                        task = asyncio.ensure_future(self._commit(group))
+                        inflight[task] = ordered
+                        task.add_done_callback(lambda t: inflight.pop(t, None))
+                elif inflight and self.closing:  # drain: wait for the commits in flight
+                    await asyncio.wait(list(inflight))
                 elif self.closing:
                     return
                 else:
                     self._wake.clear()
                     await self._wake.wait()
                     await asyncio.sleep(0)  # let coroutines that are already runnable join
-                    continue
-                size = taken = 0
-                for op in queue:
-                    size += op.weight
-                    taken += 1
-                    if size >= self.max_weight:
-                        break
-                group = queue[:taken]
-                del queue[:taken]
-                if self.depth == 1:
-                    await self._commit(group)
-                else:
-                    task = asyncio.ensure_future(self._commit(group))
-                    inflight.add(task)
-                    task.add_done_callback(inflight.discard)
         finally:  # cancelled (an event loop torn down with the store open): nobody hangs
-            for task in inflight:
+            for task in list(inflight):
                 task.cancel()  # the commit fails its own operations
             for op in queue:
                 op.fail(StoreError(f"{self.where}: the store's writer stopped; not stored"))

@@ -76,6 +76,7 @@ def run_row(run: RunRecord, owner: str | None = None, superseded: bool = False) 
 class Submit(Op):
     """``submit`` (``owner`` is None) or a submission claimed at insert by ``owner``."""
 
+    commutes = True  # (see Op.commutes) each for its own job(s)
     __slots__ = ("bodies", "claim_before", "jobs", "now", "owner", "weight")
 
     def __init__(self, fut: asyncio.Future[Any], jobs: Sequence[Job], now: float,
@@ -95,6 +96,7 @@ class Submit(Op):
 
 
 class MarkRunning(Op):
+    commutes = True  # (see Op.commutes) each for its own job(s)
     __slots__ = ("args", "owner")
 
     def __init__(self, fut: asyncio.Future[Any], args: tuple[str, float, int],
@@ -105,6 +107,7 @@ class MarkRunning(Op):
 
 
 class Finish(Op):
+    commutes = True  # (see Op.commutes) each for its own job(s)
     __slots__ = ("attempt", "bodies", "follow_up", "job_id", "owner", "run", "run_rec")
 
     def __init__(self, fut: asyncio.Future[Any], job_id: str, run: RunRecord,

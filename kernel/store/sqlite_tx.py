@@ -60,6 +60,12 @@ _INSERT_JOBS: Final = [
 class Op:
     __slots__ = ("error", "fut", "result")
     weight = 1
+    #: May this operation's group commit beside another group in flight (``GroupCommit``
+    #: with ``depth`` > 1)? Only kinds whose operations never touch a row another
+    #: unacknowledged operation touches may; the others (state writes, cancels, anything
+    #: else) keep the order they were issued in: their group waits for every group before it
+    #: and no group starts until it committed.
+    commutes = False
 
     def __init__(self, fut: asyncio.Future[Any]) -> None:
         self.fut = fut

@@ -45,7 +45,18 @@ class HeldCommits:
         self.gates[k].set()
 
 
+class Free(Op):
+    """An operation that commutes with others (as starts, finishes and submissions do)."""
+
+    commutes = True
+
+
 def op() -> Op:
+    return Free(asyncio.get_running_loop().create_future())
+
+
+def ordered() -> Op:
+    """An operation that keeps its place (as a task's state write does)."""
     return Op(asyncio.get_running_loop().create_future())
 
 
@@ -142,3 +153,47 @@ async def test_one_call_is_never_split_and_a_group_stops_at_max_weight() -> None
     g.close()
     await asyncio.wait_for(writer, 5)
     assert all(f.done() for f in rest)
+
+
+async def test_an_ordered_operation_waits_for_the_groups_before_it_and_holds_off_later_ones(
+        ) -> None:
+    commits = HeldCommits()
+    g = GroupCommit(commits, "test", max_weight=100, depth=2)
+    writer = asyncio.ensure_future(g.run())
+    first = g.put(op())
+    await settle()
+    state = g.put(ordered())  # issued after `first`, which is not committed yet
+    await settle()
+    assert len(commits.groups) == 1  # it did not go beside the group in flight
+    commits.end(0)
+    await settle()
+    assert first.done() and len(commits.groups) == 2 and commits.groups[1][0].fut is state
+    later = g.put(op())
+    await settle()
+    assert len(commits.groups) == 2  # nothing overtakes the ordered group in flight
+    commits.end(1)
+    await settle()
+    assert state.done() and len(commits.groups) == 3 and commits.groups[2][0].fut is later
+    commits.end(2)
+    g.close()
+    await asyncio.wait_for(writer, 5)
+    assert commits.most_in_flight == 1
+
+
+async def test_commuting_groups_still_go_two_at_a_time_after_an_ordered_one() -> None:
+    commits = HeldCommits()
+    g = GroupCommit(commits, "test", max_weight=100, depth=2)
+    writer = asyncio.ensure_future(g.run())
+    g.put(ordered())
+    await settle()
+    commits.end(0)
+    await settle()
+    g.put(op())
+    await settle()
+    g.put(op())
+    await settle()
+    assert commits.in_flight == 2
+    commits.end(1)
+    commits.end(2)
+    g.close()
+    await asyncio.wait_for(writer, 5)
