@@ -168,13 +168,14 @@ class Kernel:
         """Run until ``stop()``: recover, arm, serve, then shut down in order."""
         await self.store.open()
         beats: asyncio.Task[None] | None = None
+        orderly = False  # a stop, not a failure or a cancellation (the tests' stand-in for a kill)
         try:
             if self.fleet is not None:  # jobs come by claims, not by loading the store
                 await self.fleet.join()
                 # from the moment it joined: a long start-up (thousands of tasks catching up)
                 # must not get it declared dead by the others
                 beats = asyncio.create_task(self.fleet.heartbeats(), name="fleet-heartbeats")
-                beats.add_done_callback(_heartbeats_ended)
+                beats.add_done_callback(self._heartbeats_ended)
                 loaded = rerun = 0
             else:
                 loaded, rerun = await self._recover()
@@ -190,6 +191,7 @@ class Kernel:
             # plugins' resources (sessions, pools) live as long as the services and runs
             async with self.plugins.lifecycle():
                 await self._serve(started, started_event)
+            orderly = True
         finally:
             self._accepting = False
             self._serving = False
@@ -197,7 +199,7 @@ class Kernel:
                 beats.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):  # (logged already)
                     await beats
-            if self.fleet is not None and not self.fleet.fenced:
+            if self.fleet is not None and orderly and not self.fleet.fenced:
                 await self.fleet.leave()  # give back what this kernel claimed, at once
             await self.store.close()
             self._stopped.set()
@@ -356,7 +358,7 @@ class Kernel:
                 await self._fire(occ[i:i + FIRE_CHUNK], overlap=overlap)
         states = [f.state for f in fs if f.state is not None]
         if states:
-            await self._writes([self.store.set_schedule_state(st) for st in states])
+            await self._writes([self._progress_write(st) for st in states])
 
     async def _writes(self, writes: list[Coroutine[Any, Any, None]]) -> None:
         """Await store writes together; a refused one is reported, the others still count."""
@@ -379,9 +381,26 @@ class Kernel:
         if f.state is not None:
             await self._save_state(f.state)
 
+    def _heartbeats_ended(self, task: asyncio.Task[None]) -> None:
+        """The heartbeat service ends only when cancelled. Anything else is a bug: without
+        heartbeats the fleet declares this kernel dead after the TTL and it can neither claim
+        nor start, so it stops (its supervisor restarts it) rather than serve as a zombie."""
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("the fleet heartbeat service failed; stopping the kernel",
+                         exc_info=task.exception())
+            self.stop("the fleet heartbeat service failed")
+
+    def _progress_write(self, state: ScheduleState) -> Coroutine[Any, Any, None]:
+        """Store a task's progress (not a pause or resume: those are ``pause``/``resume``).
+        In a fleet it never touches the stored paused flag: another kernel may have paused the
+        task since this one last followed the stored states."""
+        if self.fleet is not None:
+            return self.fleet.store.advance_schedule_state(state)
+        return self.store.set_schedule_state(state)
+
     async def _save_state(self, state: ScheduleState) -> None:
         try:
-            await self.store.set_schedule_state(state)
+            await self._progress_write(state)
         except StoreError as exc:
             self._store_failed(exc)
 
@@ -857,11 +876,3 @@ class Kernel:
                 await self.store.purge_dedup(now)
             except StoreError as exc:
                 self._store_failed(exc)
-
-
-def _heartbeats_ended(task: asyncio.Task[None]) -> None:
-    """The heartbeat service ends only when cancelled; anything else is a bug to see at once
-    (without heartbeats the fleet declares this kernel dead after the TTL)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("the fleet heartbeat service failed; this kernel will be declared dead",
-                     exc_info=task.exception())

@@ -577,6 +577,25 @@ def set_schedule_state(state: ScheduleState) -> Callable[[Con], Awaitable[None]]
     return step
 
 
+_ADVANCE_STATE: Final = (
+    "INSERT INTO schedule_state (task_id, last_scheduled_at, paused, next_due_at) "
+    "VALUES ($1, $2, $3, $4) ON CONFLICT (task_id) DO UPDATE SET "
+    "last_scheduled_at = GREATEST(schedule_state.last_scheduled_at, excluded.last_scheduled_at), "
+    "next_due_at = CASE WHEN schedule_state.paused THEN schedule_state.next_due_at "
+    "ELSE excluded.next_due_at END"
+)
+
+
+def advance_schedule_state(state: ScheduleState) -> Callable[[Con], Awaitable[None]]:
+    """A task's progress, leaving its stored ``paused`` flag as it is (only pause and resume
+    set it: another kernel of the fleet may have paused the task a moment ago)."""
+    async def step(con: Con) -> None:
+        await con.execute(_ADVANCE_STATE, state.task_id, state.last_scheduled_at, state.paused,
+                          state.next_due_at)
+
+    return step
+
+
 def record_misfire(rec: MisfireRecord) -> Callable[[Con], Awaitable[None]]:
     body = schema.encode(rec)
 

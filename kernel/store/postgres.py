@@ -385,6 +385,12 @@ class PostgresStore(Store):
     async def set_schedule_state(self, state: ScheduleState) -> None:
         await self._call(tx.set_schedule_state(state))
 
+    async def advance_schedule_state(self, state: ScheduleState) -> None:
+        """:meth:`set_schedule_state` for a task's progress (``last_scheduled_at``,
+        ``next_due_at``): the stored ``paused`` flag is left as it is, so a kernel that has not
+        yet followed a pause made on another never undoes it."""
+        await self._call(tx.advance_schedule_state(state))
+
     async def record_misfire(self, rec: MisfireRecord) -> None:
         await self._call(tx.record_misfire(rec))
 
