@@ -65,6 +65,7 @@ TARGETS: dict[str, list[str]] = {
     "kernel/misfire.py": ["tests/test_misfire_retry.py", "tests/rooms/test_timetable.py", _GAPS],
     "kernel/retry.py": ["tests/test_misfire_retry.py", "tests/test_kernel_rooms.py", _GAPS],
     "kernel/timers.py": ["tests/rooms/test_timers.py", "tests/test_kernel_rooms.py", _GAPS],
+    "kernel/store/group.py": ["tests/store/test_group_commit.py"],
 }
 
 _BINOP: dict[type[ast.operator], type[ast.operator]] = {

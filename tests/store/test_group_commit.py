@@ -197,3 +197,38 @@ async def test_commuting_groups_still_go_two_at_a_time_after_an_ordered_one() ->
     commits.end(2)
     g.close()
     await asyncio.wait_for(writer, 5)
+
+
+async def test_defaults_and_bounds_one_group_at_a_time_and_exactly_max_weight_per_group(
+        ) -> None:
+    commits = HeldCommits()
+    g = GroupCommit(commits, "test", max_weight=2)  # depth defaults to one in flight
+    writer = asyncio.ensure_future(g.run())
+    g.put(op())
+    await settle()
+    for _ in range(5):  # queued while the first is in flight
+        g.put(op())
+    await settle()
+    assert commits.in_flight == 1
+    for k in range(4):
+        commits.end(k)
+        await settle()
+    assert [len(gr) for gr in commits.groups] == [1, 2, 2, 1]  # a group stops at max_weight
+    assert commits.most_in_flight == 1
+    g.close()
+    await asyncio.wait_for(writer, 5)
+
+    one = HeldCommits()
+    g1 = GroupCommit(one, "test", max_weight=0)  # at least one job per group
+    w1 = asyncio.ensure_future(g1.run())
+    g1.put(op())
+    await settle()
+    g1.put(op())
+    g1.put(op())
+    await settle()
+    for k in range(3):
+        one.end(k)
+        await settle()
+    assert [len(gr) for gr in one.groups] == [1, 1, 1]
+    g1.close()
+    await asyncio.wait_for(w1, 5)
