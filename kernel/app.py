@@ -324,9 +324,17 @@ class Kernel:
         tt = self.timetable
         fire, stale = tt.sort_ticks(ticks, self.clock.wall())
         # a herd of occurrences (thousands of tasks on one instant) goes in chunks: the first
-        # runs start after one store round trip, not after the whole herd is durable
-        for i in range(0, len(fire), FIRE_CHUNK):
-            chunk = fire[i:i + FIRE_CHUNK]
+        # runs start after one store round trip, not after the whole herd is durable. In a
+        # fleet this kernel's share of the tasks goes first, the others' after it (a fallback
+        # for a kernel that is slow or gone): each kernel wins and runs about its share
+        parts = [fire]
+        if self.fleet is not None and len(fire) > 1:
+            mine = self.fleet.mine
+            parts = [[o for o in fire if mine(o[0].cfg.id)],
+                     [o for o in fire if not mine(o[0].cfg.id)]]
+        chunks = [part[i:i + FIRE_CHUNK] for part in parts
+                  for i in range(0, len(part), FIRE_CHUNK)]
+        for chunk in chunks:
             await self._fire(chunk, overlap=True)
             self._pump()
             await asyncio.sleep(0)  # let the runs just started go (a store may not yield)

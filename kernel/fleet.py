@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -116,6 +117,8 @@ class FleetMember:
         self._last_beat = -1.0        # monotonic instant of the last successful heartbeat
         self._held_ticks: dict[str, int] = {}
         self.members: tuple[MemberView, ...] = ()
+        self._rank = -1   # this kernel's place among the live members (sorted ids); see mine()
+        self._live = 0
         self.claimed = 0
         self.rescued = 0
 
@@ -231,8 +234,26 @@ class FleetMember:
         except StoreError:
             return
         newest = max((k.heartbeat_at for k in ks), default=0.0)
-        self.members = tuple(MemberView(k.id, k.host, k.pid, max(0.0, newest - k.heartbeat_at),
-                                        k.id == self.id) for k in ks)
+        self.follow(tuple(MemberView(k.id, k.host, k.pid, max(0.0, newest - k.heartbeat_at),
+                                     k.id == self.id) for k in ks))
+
+    def follow(self, members: tuple[MemberView, ...]) -> None:
+        """Take a new view of the fleet: the members, and this kernel's share of the cron
+        tasks among the live ones (heartbeat younger than the TTL)."""
+        self.members = members
+        live = sorted(m.id for m in members if m.heartbeat_age <= self.settings.ttl)
+        self._rank = live.index(self.id) if self.id in live else -1
+        self._live = len(live)
+
+    def mine(self, task_id: str) -> bool:
+        """Is ``task_id`` in this kernel's share? Each kernel fires the occurrences of its own
+        share first and the others' only after them, as a fallback (a fired occurrence is won
+        once fleet-wide whoever fires it), so a second's herd is spread over the fleet instead
+        of going whole to whichever kernel commits first. A stable hash of the task id over
+        the live kernels, sorted by id; alone, or not in the view yet: every task."""
+        if self._live < 2 or self._rank < 0:
+            return True
+        return zlib.crc32(task_id.encode()) % self._live == self._rank
 
     async def _release_gpu_held(self) -> None:
         """GPU jobs held here for two heartbeats go back to the fleet: another box may have
