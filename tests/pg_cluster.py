@@ -5,7 +5,8 @@ gets its own PostgreSQL schema in it (:func:`fresh_schema`), which is much cheap
 per test. Tuned for tests, not durability: ``fsync=off``, ``synchronous_commit=off``, small
 shared buffers, and the data directory on a RAM file system (``/dev/shm``) where one with room is
 mounted: ``initdb`` writes ~40 MB in thousands of files, and on this VM's disk that alone took
-~0.95 s against ~0.4 s on tmpfs. A durable cluster (the benchmarks) always lives on disk.
+~0.95 s against ~0.4 s on tmpfs. ``KERNEL_TEST_PG_DIR`` names another parent directory. A
+durable cluster (the benchmarks) always lives on disk.
 
 ``initdb`` refuses to run as root: as root, the cluster is created and run by an unprivileged
 user (``KERNEL_TEST_PG_USER``, default ``nobody``) that owns the temp dir; the tests connect over
