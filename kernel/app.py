@@ -330,8 +330,11 @@ class Kernel:
         parts = [fire]
         if self.fleet is not None and len(fire) > 1:
             mine = self.fleet.mine
-            parts = [[o for o in fire if mine(o[0].cfg.id)],
-                     [o for o in fire if not mine(o[0].cfg.id)]]
+            own: list[tuple[TaskRuntime, float]] = []
+            others: list[tuple[TaskRuntime, float]] = []
+            for o in fire:
+                (own if mine(o[0].cfg.id) else others).append(o)
+            parts = [own, others]
         chunks = [part[i:i + FIRE_CHUNK] for part in parts
                   for i in range(0, len(part), FIRE_CHUNK)]
         for chunk in chunks:

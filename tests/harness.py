@@ -8,6 +8,7 @@ clock, so a test controls exactly when it ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,15 +141,23 @@ def make_harness(text: str, *, store: Store | None = None, clock: FakeClock | No
 
 async def edit_until_reloaded(h: Harness, edit: Callable[[int], None],
                               limit: float = 15.0) -> ConfigReloaded:
-    """Call ``edit(n)`` (n = 1, 2, ...) every 0.1 s until the kernel published a
-    ``ConfigReloaded``: a file watcher may still be subscribing when the first edit lands, so
-    the edit is made again until it has been seen once (a condition polled with a bound)."""
+    """Call ``edit(n)`` (n = 1, 2, ...) until the kernel published a ``ConfigReloaded``: a file
+    watcher may still be subscribing when the first edit lands, so the edit is made again,
+    after waiting up to 0.1 s for the event each time (woken by it at once), until it has
+    been seen (bounded by ``limit``)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + limit
-    n = 0
-    while not any(isinstance(e, ConfigReloaded) for e in h.events):
-        assert loop.time() < end, f"the watcher did not reload within {limit:g} s"
-        n += 1
-        edit(n)
-        await asyncio.sleep(0.1)
+    seen = asyncio.Event()
+    unsubscribe = h.kernel.bus.subscribe(
+        lambda e: seen.set() if isinstance(e, ConfigReloaded) else None)
+    try:
+        n = 0
+        while not any(isinstance(e, ConfigReloaded) for e in h.events):
+            assert loop.time() < end, f"the watcher did not reload within {limit:g} s"
+            n += 1
+            edit(n)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(seen.wait(), 0.1)
+    finally:
+        unsubscribe()
     return next(e for e in h.events if isinstance(e, ConfigReloaded))

@@ -80,12 +80,12 @@ class GroupCommit:
                         taken += 1
                         if size >= self.max_weight:
                             break
-                    ordered = not all(op.commutes for op in queue[:taken])
+                    group = queue[:taken]
+                    ordered = self.depth > 1 and not all(op.commutes for op in group)
                     if inflight and (len(inflight) >= self.depth or ordered
                                      or any(inflight.values())):
                         await asyncio.wait(list(inflight), return_when=asyncio.FIRST_COMPLETED)
                         continue
-                    group = queue[:taken]
                     del queue[:taken]
                     if self.depth == 1:
                         await self._commit(group)

@@ -569,12 +569,17 @@ async def apply_starts_and_finishes(con: Con, batch: Sequence[Op]) -> list[Op]:
 # -- the other writes, as functions for Call ---------------------------------------------------
 
 
-def set_schedule_state(state: ScheduleState) -> Callable[[Con], Awaitable[None]]:
+def _state_step(sql: str, state: ScheduleState) -> Callable[[Con], Awaitable[None]]:
     async def step(con: Con) -> None:
-        await con.execute(_SET_STATE, state.task_id, state.last_scheduled_at, state.paused,
+        await con.execute(sql, state.task_id, state.last_scheduled_at, state.paused,
                           state.next_due_at)
 
     return step
+
+
+def set_schedule_state(state: ScheduleState) -> Callable[[Con], Awaitable[None]]:
+    """A task's whole state, paused flag included (pause, resume, a single box)."""
+    return _state_step(_SET_STATE, state)
 
 
 _ADVANCE_STATE: Final = (
@@ -589,11 +594,7 @@ _ADVANCE_STATE: Final = (
 def advance_schedule_state(state: ScheduleState) -> Callable[[Con], Awaitable[None]]:
     """A task's progress, leaving its stored ``paused`` flag as it is (only pause and resume
     set it: another kernel of the fleet may have paused the task a moment ago)."""
-    async def step(con: Con) -> None:
-        await con.execute(_ADVANCE_STATE, state.task_id, state.last_scheduled_at, state.paused,
-                          state.next_due_at)
-
-    return step
+    return _state_step(_ADVANCE_STATE, state)
 
 
 def record_misfire(rec: MisfireRecord) -> Callable[[Con], Awaitable[None]]:
