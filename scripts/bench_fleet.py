@@ -39,6 +39,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def server_cpu() -> float:
+    """CPU seconds (user + system) used so far by every running PostgreSQL process on this
+    machine: the server's share of a step is the difference between two readings (its pooled
+    backends live as long as the kernels)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm_end = stat.rfind(")")
+        if stat[stat.find("(") + 1:comm_end] != "postgres":
+            continue
+        fields = stat[comm_end + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -107,11 +129,16 @@ queue_depth = 1000000
     print(json.dumps({"ready": k}), flush=True)
     await asyncio.to_thread(sys.stdin.readline)  # all kernels of the fleet start together
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    server0 = server_cpu()
     for i in range(0, jobs, 1000):
         await kernel.submit_many([SubmitRequest(action="noop") for _ in range(min(1000, jobs - i))])
     await asyncio.wait_for(target.wait(), 600)
+    cpu = time.process_time() - cpu0  # this kernel process's CPU (all threads) for the cycle
     print(json.dumps({"scenario": "cycle", "kernel": k, "n": jobs, "start": t0, "end": last,
-                      "per_s": round(jobs / (last - t0))}), flush=True)
+                      "per_s": round(jobs / (last - t0)), "server_cpu_start": server0,
+                      "server_cpu_end": server_cpu(),
+                      "kernel_cpu_us_per_job": round(cpu / jobs * 1e6, 1)}), flush=True)
     late.clear()  # from here on: the claimed-ahead jobs only (submit_500's are due in an hour)
     if ahead:
         # 1000 per second from 1 s on: timer precision, not a burst queueing behind itself
@@ -175,9 +202,18 @@ def run_fleet(dsn: str, kernels: int, jobs: int, concurrency: int) -> None:
     span = max(r["end"] for r in cyc) - min(r["start"] for r in cyc)
     total = sum(r["n"] for r in cyc)
     lat = [r for r in rows if r["scenario"] == "lateness" and r["runs"]]
+    # the kernels' cycles overlap: the server's CPU from the first start to the last end
+    server_s = max(r["server_cpu_end"] for r in cyc) - min(r["server_cpu_start"] for r in cyc)
+    kernel_us = statistics.mean(r["kernel_cpu_us_per_job"] for r in cyc)
+    server_us = server_s / total * 1e6
     print(json.dumps({"scenario": "fleet", "kernels": kernels, "max_concurrency": concurrency,
                       "jobs": total,
                       "per_s": round(total / span),
+                      "kernel_cpu_us_per_job": round(kernel_us, 1),
+                      "server_cpu_us_per_job": round(server_us, 1),
+                      # what os.cpu_count() cores allow at that CPU per job, kernels + server
+                      "cpu_bound_per_s": round((os.cpu_count() or 1) * 1e6
+                                               / (kernel_us + server_us)),
                       "submit_500_per_s": sum(r["per_s"] for r in rows
                                               if r["scenario"] == "submit_500"),
                       "claimed_ahead_p50_ms": statistics.median(r["p50_ms"] for r in lat)
