@@ -32,13 +32,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
 
 from kernel.errors import (
+    ConfigError,
+    ConfigIssue,
     KernelError,
     StoreCorrupt,
     StoreError,
@@ -76,6 +80,7 @@ WRITE_DEPTH: Final = 2
 #: 12.2k/s with one group per wave.
 WRITE_GROUP: Final = 256
 _RETRYABLE: Final = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_IDENT_MAX: Final = 63  # bytes of a PostgreSQL identifier (NAMEDATALEN - 1), a NOTIFY channel too
 _LOST: Final = (
     asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError,
     ConnectionError, OSError, TimeoutError,
@@ -89,17 +94,42 @@ def _connection_broken(exc: BaseException) -> bool:
     return not isinstance(exc, KernelError)  # ours: raised by our own checks, not the wire
 
 
+def notify_channel(schema: str) -> str:
+    """The NOTIFY channel of ``schema``: ``kernel_jobs:<schema>``, or, where that would pass
+    PostgreSQL's 63-byte identifiers (``pg_notify`` refuses a longer name, and the server
+    truncates a longer LISTEN, which then never matches), ``kernel_jobs:#`` and a digest of the
+    schema name: still one channel per schema, the same on every kernel."""
+    channel = f"kernel_jobs:{schema}"
+    if len(channel.encode()) <= _IDENT_MAX:
+        return channel
+    return "kernel_jobs:#" + hashlib.sha256(schema.encode()).hexdigest()[:40]
+
+
+_KV_PASSWORD: Final = re.compile(r"""(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)""", re.I)
+
+
 def redact(dsn: str) -> str:
-    """``dsn`` without its password, for messages."""
+    """``dsn`` without its password (in the user part or the query of a URI, or a
+    ``password=`` of a key/value string), for messages."""
+    if "://" not in dsn:
+        return _KV_PASSWORD.sub(r"\1***", dsn)
     try:
         parts = urlsplit(dsn)
+        password = parts.password
     except ValueError:
         return "<unparsable dsn>"
-    if parts.password is None:
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    hidden = any(k.lower() == "password" for k, _ in query)
+    if password is None and not hidden:
         return dsn
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+    netloc = parts.netloc
+    if password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[-1]}"
+    text = f"{parts.scheme}://{netloc}{parts.path}"
+    if parts.query:
+        text += "?" + (urlencode([(k, "***" if k.lower() == "password" else v)
+                                  for k, v in query], safe="*/") if hidden else parts.query)
+    return text + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 def translate(exc: BaseException, where: str, doing: str) -> KernelError:
@@ -122,7 +152,8 @@ def translate(exc: BaseException, where: str, doing: str) -> KernelError:
     if isinstance(exc, _LOST) or (
         isinstance(exc, asyncpg.PostgresError) and _connection_broken(exc)
     ):
-        return StoreError(f"{where}: {doing} failed: cannot reach PostgreSQL: {exc!r}")
+        return StoreError(f"{where}: {doing} failed: cannot reach PostgreSQL: {exc!r} "
+                          "(check [store] dsn, and that the server runs and accepts connections)")
     return StoreError(msg)
 
 
@@ -166,7 +197,7 @@ class PostgresStore(Store):
         self.command_timeout = command_timeout
         self.where = f"{redact(dsn)} (schema {schema})"
         #: NOTIFY channel of this schema: every commit that may store or free jobs sends one.
-        self.channel = f"kernel_jobs:{schema}"
+        self.channel = notify_channel(schema)
         self._listener: asyncpg.Connection | None = None
         self._settings = {"search_path": ps.quote_ident(schema),
                           "application_name": "open-autoglm-kernel"}
@@ -196,6 +227,11 @@ class PostgresStore(Store):
                 self.dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout,
                 server_settings=self._settings,
             )
+        except ValueError as e:  # the DSN itself (asyncpg's ClientConfigurationError, a port)
+            raise ConfigError([ConfigIssue(
+                "<config>", "[store].dsn",
+                f"{redact(self.dsn)!r} is not a usable PostgreSQL DSN ({e}); valid: a libpq URI "
+                "such as postgresql://kernel@db-host:5432/kernel")]) from None
         except (asyncpg.PostgresError, *_LOST) as e:
             raise translate(e, self.where, "connecting") from None
         return con
@@ -221,6 +257,11 @@ class PostgresStore(Store):
     async def open(self) -> None:
         if self._open:
             return
+        if len(self.schema.encode()) > _IDENT_MAX:
+            raise ConfigError([ConfigIssue(
+                "<config>", "[store].schema",
+                f"{self.schema[:20]!r}... is {len(self.schema.encode())} bytes long; a "
+                f"PostgreSQL schema name has at most {_IDENT_MAX}")])
         con = await self._connect()
         try:
             self._version = await self._migrate(con)

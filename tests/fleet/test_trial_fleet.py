@@ -1,0 +1,100 @@
+"""Defects found by an outside trial of fleet mode (several kernels on one PostgreSQL database),
+each reproduced against the session's real throwaway cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kernel.errors import ConfigError
+from kernel.records import Job
+from kernel.store.postgres import PostgresStore
+
+from ..pg_cluster import PgCluster
+from .conftest import Fleet
+
+
+async def _until(cond: object, limit: float, what: str) -> None:
+    end = time.monotonic() + limit
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < end, f"timed out after {limit} s waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_long_schema_name_still_rescues_and_wakes(fleet: Fleet) -> None:
+    """A valid schema name of 52-63 bytes made the NOTIFY channel (``kernel_jobs:<schema>``)
+    longer than PostgreSQL's 63-byte identifiers: ``pg_notify`` refused it, so rescuing a dead
+    kernel's jobs failed every time (they stayed with the dead kernel for ever), and LISTEN,
+    truncated by the server, never matched the untruncated name asyncpg dispatches on."""
+    fleet.schema = (fleet.schema + "_" + "s" * 63)[:63]
+    a = await fleet.store()
+    b = await fleet.store()
+    woke: list[int] = []
+    await b.listen(lambda: woke.append(1))
+    await a.register_kernel("dead", "h", 1, None)
+    now = time.time()
+    _, owned = await a.submit_claimed([Job(id=f"j{i}", action="log", due_at=now)
+                                       for i in range(3)], now, "dead", now + 2)
+    assert owned == [True, True, True]
+    rescue = await b.expire_kernel("dead")  # raised StoreError: channel name too long
+    assert sorted(rescue.jobs) == ["j0", "j1", "j2"]
+    await a.submit([Job(id="free", action="log", due_at=now)], now)
+    await _until(lambda: woke, 5, "a NOTIFY on a long schema name to wake the listener")
+
+
+def test_a_password_in_the_dsn_query_is_redacted() -> None:
+    """libpq takes the password from the URI's query too (``?password=...``), and a DSN that is
+    not a URI (``host=h password=...``) is echoed whole in the error that rejects it: both
+    reached every error message, the log and ``/healthz`` in clear."""
+    for dsn in ("postgresql://u@h/db?password=SECRET1",
+                "postgresql://u@h/db?sslmode=require&password=SECRET2&application_name=x",
+                "postgresql://u:SECRET3@h/db?password=SECRET4",
+                "host=h password=SECRET5 user=u",
+                "host=h password='SECRET 6' user=u"):
+        where = PostgresStore(dsn).where
+        assert "SECRET" not in where, where
+    assert PostgresStore("postgresql://u@h:5432/db?sslmode=require").where.startswith(
+        "postgresql://u@h:5432/db?sslmode=require")
+
+
+@pytest.mark.parametrize("dsn", ["not-a-dsn", "mysql://kernel@db/kernel",
+                                 "postgresql://kernel@db:notaport/kernel",
+                                 "postgresql://kernel@db/kernel?sslmode=bogus"])
+async def test_a_malformed_dsn_is_a_config_error_naming_the_field(dsn: str) -> None:
+    """A DSN asyncpg cannot parse was reported as ``cannot reach PostgreSQL`` (exit 1, a
+    retryable store error, so a service manager restarts it for ever), and a bad port
+    (``ValueError`` from the parser) escaped as a traceback."""
+    with pytest.raises(ConfigError) as info:
+        await PostgresStore(dsn).open()
+    assert [i.where for i in info.value.issues] == ["[store].dsn"]
+
+
+async def test_a_schema_name_longer_than_postgresql_allows_is_a_config_error(
+        pg_cluster: PgCluster) -> None:
+    with pytest.raises(ConfigError) as info:
+        await PostgresStore(pg_cluster.dsn, schema="k" * 64).open()
+    assert [i.where for i in info.value.issues] == ["[store].schema"]
+
+
+@pytest.mark.slow
+def test_run_with_a_malformed_dsn_exits_78_naming_the_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"""
+[kernel]
+data_dir = "{tmp_path / 'data'}"
+[store]
+backend = "postgres"
+dsn = "postgresql://kernel:SECRET@db:notaport/kernel"
+""")
+    done = subprocess.run([sys.executable, "-m", "kernel", "run", "--config", str(cfg),
+                           "--no-server", "--log-format", "text"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 78, done.stderr[-2000:]
+    assert "[store].dsn" in done.stderr and "Traceback" not in done.stderr
+    assert "SECRET" not in done.stderr
