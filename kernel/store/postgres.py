@@ -573,6 +573,7 @@ class PostgresStore(Store):
             ("task_id = ${}", q.task_id),
             ("outcome = ${}", q.outcome.value if q.outcome is not None else None),
             ("trace_id = ${}", q.trace_id),
+            ("job_id = ${}", q.job_id),
             ("finished_at >= ${}", q.since),
             ("finished_at < ${}", q.until),
         ):

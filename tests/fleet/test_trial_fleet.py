@@ -15,7 +15,7 @@ import pytest
 from kernel.config import parse_text
 from kernel.errors import ConfigError
 from kernel.main import banner
-from kernel.records import Job
+from kernel.records import Job, Outcome, RunQuery, RunRecord
 from kernel.store.postgres import PostgresStore
 
 from ..pg_cluster import PgCluster
@@ -123,3 +123,18 @@ def test_the_banner_of_a_fleet_kernel_names_its_database_not_a_sqlite_file(
     banner(cfg, None, "text")
     err = capsys.readouterr().err
     assert "sqlite3" not in err and "postgresql://kernel:***@db/kernel" in err, err
+
+
+async def test_query_runs_by_job_id_returns_that_jobs_runs_only(fleet: Fleet) -> None:
+    """``PostgresStore.query_runs`` ignored ``RunQuery.job_id``: ``GET /jobs/{id}`` of any
+    finished (or cancelled-while-pending) job answered with the newest run of *another* job
+    (seen on a fleet: a cancelled job reported as a ``tick`` cron run that succeeded)."""
+    s = await fleet.store()
+    now = time.time()
+    await s.submit([Job(id=j, action="log", due_at=now) for j in ("a", "b")], now)
+    for k, j in enumerate(("a", "b")):
+        await s.finish(j, RunRecord(job_id=j, task_id=None, action="log", trace_id=f"t{j}",
+                                    span_id="s", scheduled_at=now, started_at=now,
+                                    finished_at=now + k, attempt=1, outcome=Outcome.SUCCEEDED))
+    assert [r.job_id for r in await s.query_runs(RunQuery(job_id="a"))] == ["a"]
+    assert await s.query_runs(RunQuery(job_id="never")) == []
