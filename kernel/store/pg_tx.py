@@ -367,14 +367,16 @@ async def _finishes(con: Con, ops: Sequence[Op]) -> bool:
         )}
         rest = [op for op in owned if op.job_id not in gone]
         if rest:
-            # Still stored under another owner (rescued, maybe claimed again) or gone after a
-            # later attempt finished elsewhere: this attempt was superseded.
+            # Still stored under another owner (rescued, maybe claimed again), gone after a
+            # later attempt finished elsewhere, or gone with this attempt's end recorded by
+            # someone else (a cancel on another kernel): this attempt was superseded.
             lost = {r[0] for r in await con.fetch(
-                "SELECT u.id FROM unnest($1::text[], $2::int4[]) AS u(id, a) "
+                "SELECT u.id FROM unnest($1::text[], $2::int4[], $3::text[]) AS u(id, a, o) "
                 "WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = u.id) "
-                "OR EXISTS (SELECT 1 FROM runs r WHERE r.job_id = u.id AND r.attempt > u.a "
-                "AND NOT r.superseded)",
+                "OR EXISTS (SELECT 1 FROM runs r WHERE r.job_id = u.id AND NOT r.superseded "
+                "AND (r.attempt > u.a OR (r.attempt = u.a AND r.owner IS DISTINCT FROM u.o)))",
                 [op.job_id for op in rest], [op.run_rec.attempt for op in rest],
+                [op.owner for op in rest],
             )}
         for op in owned:
             op.result = op.job_id not in lost

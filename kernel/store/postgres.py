@@ -694,9 +694,10 @@ class PostgresStore(Store):
     async def finish_owned(self, owner: str, job_id: str, run: RunRecord,
                            follow_up: Sequence[Job] = ()) -> bool:
         """:meth:`finish` for a job ``owner`` claimed. If the job was rescued meanwhile (it
-        is stored under another owner or none, or a later attempt already finished), the run
-        is recorded as superseded, the job is left alone and ``follow_up`` is dropped:
-        ``False``. A job no longer stored otherwise (cancelled) finishes as usual."""
+        is stored under another owner or none, or a later attempt already finished, or it was
+        cancelled elsewhere with a run record for this attempt), the run is recorded as
+        superseded, the job is left alone and ``follow_up`` is dropped: ``False``. A job no
+        longer stored otherwise (cancelled without a record) finishes as usual."""
         ok: bool = await self._enqueue(tx.Finish(self._future(), job_id, run, follow_up, owner))
         return ok
 

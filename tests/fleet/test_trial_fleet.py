@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from kernel.config import parse_text
@@ -138,3 +139,34 @@ async def test_query_runs_by_job_id_returns_that_jobs_runs_only(fleet: Fleet) ->
                                     finished_at=now + k, attempt=1, outcome=Outcome.SUCCEEDED))
     assert [r.job_id for r in await s.query_runs(RunQuery(job_id="a"))] == ["a"]
     assert await s.query_runs(RunQuery(job_id="never")) == []
+
+
+async def test_a_finish_after_a_cancel_from_another_kernel_is_superseded(fleet: Fleet) -> None:
+    """``DELETE /jobs/{id}`` on kernel B of a job running on kernel A records the attempt as
+    cancelled (and answers ``cancelled: true``); A's run goes on (a documented limit), but its
+    finish was then recorded as a second, ordinary run of the same attempt with its follow-ups
+    stored: a retry or a dependent of a cancelled job ran (README: "it is not run again"; the
+    catalogue's ERR_SUPERSEDED: "or it was cancelled meanwhile ... its follow-ups dropped")."""
+    a, b = await fleet.store(), await fleet.store()
+    await a.register_kernel("ka", "h", 1, None)
+    now = time.time()
+    await a.submit_claimed([Job(id="c", action="log", due_at=now)], now, "ka", now + 2)
+    assert await a.mark_running_owned("ka", "c", now, 1)
+    cancelled = RunRecord(job_id="c", task_id=None, action="log", trace_id="t", span_id="s1",
+                          scheduled_at=now, started_at=None, finished_at=now + 1, attempt=1,
+                          outcome=Outcome.CANCELLED, error_code="ERR_CANCELLED")
+    assert await b.cancel("c", cancelled) is not None  # what Kernel.cancel does on kernel B
+    done = RunRecord(job_id="c", task_id=None, action="log", trace_id="t", span_id="s2",
+                     scheduled_at=now, started_at=now, finished_at=now + 2, attempt=1,
+                     outcome=Outcome.FAILED, error_code="ERR_CONN_TIMEOUT")
+    retry = Job(id="c-retry", action="log", due_at=now + 5, attempt=2)
+    assert not await a.finish_owned("ka", "c", done, [retry])
+    assert await a.get_job("c-retry") is None
+    assert [r.outcome for r in await a.query_runs(RunQuery(job_id="c"))] == [Outcome.CANCELLED]
+    assert [r.span_id for r in await a.superseded_runs("c")] == ["s2"]
+    # the same without follow-ups (the one-statement path of a fleet kernel's usual group)
+    await a.submit_claimed([Job(id="d", action="log", due_at=now)], now, "ka", now + 2)
+    assert await a.mark_running_owned("ka", "d", now, 1)
+    assert await b.cancel("d", msgspec.structs.replace(cancelled, job_id="d")) is not None
+    assert not await a.finish_owned("ka", "d", msgspec.structs.replace(done, job_id="d"))
+    assert [r.outcome for r in await a.query_runs(RunQuery(job_id="d"))] == [Outcome.CANCELLED]
