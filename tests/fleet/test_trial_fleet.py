@@ -8,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -15,12 +16,16 @@ import pytest
 
 from kernel.api.schemas import JobIn
 from kernel.app import SubmitRequest
+from kernel.clock import SystemClock
 from kernel.config import parse_text
-from kernel.errors import ConfigError
-from kernel.main import banner
+from kernel.errors import ConfigError, StoreError
+from kernel.hookspecs import PluginContext
+from kernel.main import banner, build
+from kernel.plugins import load as load_plugins
 from kernel.records import Job, JobState, Outcome, RunQuery, RunRecord
 from kernel.store.postgres import PostgresStore
 
+from ..harness import make_config
 from ..pg_cluster import PgCluster
 from .conftest import Fleet
 from .test_kernel_fleet import Kernels, Ledger, until
@@ -203,3 +208,57 @@ def test_post_jobs_accepts_the_gpu_fields_the_readme_documents() -> None:
     body = msgspec.json.decode(b'{"action": "log", "gpu_memory_mb": 1000, "gpu": 0}',
                                type=JobIn)
     assert msgspec.structs.asdict(body).get("gpu_memory_mb") == 1000
+
+
+class FireFailsStore(PostgresStore):
+    """A real store whose ``fire`` fails (as an unreachable database makes it fail) while
+    ``down`` is set."""
+
+    down = False
+
+    def __init__(self, dsn: str, *, schema: str) -> None:
+        super().__init__(dsn, schema=schema)
+        self.failed: list[float] = []
+
+    async def fire(self, jobs: Sequence[Job], now: float, *, owner: str | None = None,
+                   claim_before: float | None = None) -> list[bool]:
+        if self.down:
+            self.failed.extend(j.scheduled_at or 0.0 for j in jobs)
+            raise StoreError(f"{self.where}: firing cron occurrences failed: cannot reach "
+                             "PostgreSQL (injected)")
+        return await super().fire(jobs, now, owner=owner, claim_before=claim_before)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="kernel/journal.py occurrences(): in a fleet, occurrences "
+                   "whose fire failed (database unreachable) are dropped for good, whatever "
+                   "the task's misfire policy; firing them again once the database answers is "
+                   "safe (the fired table keys them) and is what misfire = catch_up promises")
+async def test_occurrences_missed_while_the_database_was_down_are_caught_up(
+        fleet: Fleet) -> None:
+    store = FireFailsStore(fleet.cluster.dsn, schema=fleet.schema)
+    ledger = Ledger()
+    plugins = load_plugins(PluginContext(), extra=[("rec", ledger.plugin(0))],
+                           use_entry_points=False)
+    kernel = build(make_config("""
+        [[tasks]]
+        id = "beat"
+        schedule = "* * * * * *"
+        action = "rec"
+        misfire = "catch_up"
+        overlap = "allow_all"
+        misfire_grace = "1h"
+        """), clock=SystemClock(), plugins=plugins, store=store)
+    started = asyncio.Event()
+    task = asyncio.create_task(kernel.run(started=started))
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        await until(lambda: len(ledger.rows) >= 1, 10)
+        store.down = True
+        await until(lambda: len(store.failed) >= 2, 10)
+        store.down = False
+        missed = set(store.failed)
+        await until(lambda: {r[3] for r in ledger.rows} >= missed, 10)
+    finally:
+        kernel.stop("test")
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
