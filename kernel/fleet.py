@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .clock import Clock
 from .config import FleetSection, secs
-from .errors import StoreError
+from .errors import ConfigError, ConfigIssue, StoreError
 from .records import Job, RunRecord, ScheduleState, SubmitResult
 
 log = logging.getLogger("kernel.fleet")
@@ -67,6 +67,10 @@ class FleetSettings:
     fired_keep: float = 86_400.0  # fired occurrences are forgotten after this (> any grace)
 
 
+TTL_HEARTBEATS = 2
+"""``[fleet] ttl`` must be at least this many heartbeats: one late heartbeat is not a death."""
+
+
 @dataclass(frozen=True, slots=True)
 class MemberView:
     """One kernel of the fleet, for ``/snapshot`` and the TUI."""
@@ -81,10 +85,19 @@ class MemberView:
 def settings_from(section: FleetSection) -> FleetSettings:
     """``[fleet]`` of the configuration, in seconds."""
     d = FleetSettings()
-    return FleetSettings(heartbeat=secs(section.heartbeat) or d.heartbeat,
-                         ttl=secs(section.ttl) or d.ttl,
-                         horizon=secs(section.claim_horizon) or d.horizon,
-                         batch=section.claim_batch)
+    got = FleetSettings(heartbeat=secs(section.heartbeat) or d.heartbeat,
+                        ttl=secs(section.ttl) or d.ttl,
+                        horizon=secs(section.claim_horizon) or d.horizon,
+                        batch=section.claim_batch)
+    if got.ttl < TTL_HEARTBEATS * got.heartbeat:
+        # the others would declare a live kernel dead between two of its heartbeats (or after
+        # one late one): it fences itself over and over and its running jobs run again
+        raise ConfigError([ConfigIssue(
+            "<config>", "[fleet].ttl",
+            f"{got.ttl:g} s must be at least {TTL_HEARTBEATS} x heartbeat ({got.heartbeat:g} s), "
+            "else live kernels are declared dead; valid: e.g. heartbeat = \"2s\", "
+            "ttl = \"10s\"")])
+    return got
 
 
 def new_kernel_id() -> str:

@@ -17,8 +17,9 @@ import pytest
 from kernel.api.schemas import JobIn
 from kernel.app import SubmitRequest
 from kernel.clock import SystemClock
-from kernel.config import parse_text
+from kernel.config import FleetSection, parse_text
 from kernel.errors import ConfigError, StoreError
+from kernel.fleet import settings_from
 from kernel.hookspecs import PluginContext
 from kernel.main import banner, build
 from kernel.plugins import load as load_plugins
@@ -262,3 +263,24 @@ async def test_occurrences_missed_while_the_database_was_down_are_caught_up(
     finally:
         kernel.stop("test")
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+
+
+def test_a_ttl_that_declares_live_kernels_dead_is_refused() -> None:
+    """``ttl`` not above ``heartbeat`` was accepted: every kernel was declared dead by the
+    others between two of its own heartbeats, fenced itself every cycle (seen: 10 fencings in
+    12 s with heartbeat 2s, ttl 1s) and its running jobs were rescued and run again while they
+    still ran."""
+    with pytest.raises(ConfigError) as info:
+        settings_from(FleetSection(heartbeat="2s", ttl="1s"))
+    assert [i.where for i in info.value.issues] == ["[fleet].ttl"]
+    with pytest.raises(ConfigError):
+        settings_from(FleetSection(heartbeat="2s", ttl="3s"))  # one late heartbeat kills
+    assert settings_from(FleetSection(heartbeat="2s", ttl="4s")).ttl == 4.0
+    assert settings_from(FleetSection()).ttl == 10.0
+
+
+@pytest.mark.xfail(strict=True, reason="kernel/config.py FleetSection.__post_init__ checks each "
+                   "duration > 0 only: `validate` passes ttl <= heartbeat (run refuses it)")
+def test_validate_rejects_a_ttl_below_twice_the_heartbeat() -> None:
+    _, issues = parse_text('[fleet]\nheartbeat = "2s"\nttl = "1s"\n', "c.toml")
+    assert any("ttl" in i.where or "ttl" in i.message for i in issues), issues
