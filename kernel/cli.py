@@ -378,14 +378,16 @@ def cmd_validate(a: argparse.Namespace) -> int:
     from .discovery import discover
     from .gpu import GpuGate, NvmlProbe
     from .main import plugin_set
-    from .validate import validate
+    from .validate import check_all
 
     found = discover(a.config)
     if found.is_demo and not a.json:
         print(f"warning: {found.demo_warning()}", file=sys.stderr)
+    cfg: config_mod.Config | None
     try:
-        cfg = config_mod.load(found.path, tasks_file=a.tasks)
-        issues = validate(cfg, plugin_set(cfg), GpuGate(NvmlProbe()))
+        # decoding problems and the checks of what did decode, reported together
+        cfg, decoding = config_mod.load_partial(found.path, tasks_file=a.tasks)
+        issues = check_all(cfg, decoding, plugin_set(cfg), GpuGate(NvmlProbe()))
     except ConfigError as exc:
         issues = exc.issues
         cfg = None

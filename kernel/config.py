@@ -422,6 +422,19 @@ def read_text(path: Path) -> str:
 
 def load(path: Path | None = None, *, tasks_file: Path | None = None) -> Config:
     """Load and decode a config; raises ConfigError listing every decoding problem."""
+    cfg, issues = load_partial(path, tasks_file=tasks_file)
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def load_partial(path: Path | None = None, *,
+                 tasks_file: Path | None = None) -> tuple[Config, list[ConfigIssue]]:
+    """Load and decode a config: what decoded (bad fields, tasks and sections dropped) and
+    every decoding problem, so that a caller can check the rest too and report all at once.
+
+    :raises ConfigError: a file cannot be read or is not UTF-8 (nothing to decode).
+    """
     if path is None:
         text, file = default_config_text(), "<embedded default config.toml>"
     else:
@@ -438,6 +451,4 @@ def load(path: Path | None = None, *, tasks_file: Path | None = None) -> Config:
                 issues.append(ConfigIssue(str(tasks_file), f"task {t.id!r}",
                                           f"duplicate task id (also in {file})"))
             cfg.tasks.append(t)
-    if issues:
-        raise ConfigError(issues)
-    return cfg
+    return cfg, issues

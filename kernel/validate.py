@@ -9,7 +9,9 @@ plugins (``PluginSet.problems``) are reported as issues of ``[plugins.<name>]``.
 from __future__ import annotations
 
 import logging
+import re
 import zoneinfo
+from collections.abc import Collection
 from pathlib import Path
 
 from . import config as config_mod
@@ -57,17 +59,25 @@ def find_cycle(tasks: list[TaskConfig]) -> list[str] | None:
 
 
 def validate(cfg: Config, plugins: PluginSet | None,
-             gpu: GpuGate | None = None) -> list[ConfigIssue]:
+             gpu: GpuGate | None = None, *,
+             known_ids: Collection[str] = ()) -> list[ConfigIssue]:
+    """Every semantic issue of ``cfg``. ``known_ids`` are more task ids that exist (tasks
+    declared in the file but dropped by decoding problems already reported): ``after``
+    naming them is not an error of its own."""
     file = cfg.source
     issues: list[ConfigIssue] = []
-    if not _tz_ok(cfg.kernel.timezone):
+    default_tz = cfg.kernel.timezone
+    if not _tz_ok(default_tz):
         issues.append(ConfigIssue(file, "[kernel].timezone",
-                                  f"unknown time zone {cfg.kernel.timezone!r} (valid: an IANA "
+                                  f"unknown time zone {default_tz!r} (valid: an IANA "
                                   "name such as 'UTC', 'Europe/Berlin', 'Asia/Shanghai')"))
-    ids = {t.id for t in cfg.tasks}
+        # reported once, above; the schedules are checked in UTC, so that their own
+        # mistakes show and valid ones are not called invalid
+        default_tz = "UTC"
+    ids = {t.id for t in cfg.tasks} | set(known_ids)
     for t in cfg.tasks:
         where = f"task {t.id!r}"
-        tz = t.tz or cfg.kernel.timezone
+        tz = t.tz or default_tz
         if t.tz is not None and not _tz_ok(t.tz):
             issues.append(ConfigIssue(file, f"{where}.tz", f"unknown time zone {t.tz!r} (valid: "
                                       "an IANA name such as 'UTC', 'Europe/Berlin')"))
@@ -113,11 +123,31 @@ def validate(cfg: Config, plugins: PluginSet | None,
     return issues
 
 
+def check_all(cfg: Config, decoding: list[ConfigIssue], plugins: PluginSet | None,
+              gpu: GpuGate | None = None) -> list[ConfigIssue]:
+    """The decoding problems of a file and the semantic ones of what did decode, at once.
+
+    ``cfg`` is what :func:`kernel.config.load_partial` returns (bad parts dropped); a semantic
+    issue about a field whose decoding was already reported is not repeated."""
+    if not decoding:
+        return validate(cfg, plugins, gpu)
+    reported = {i.where for i in decoding}
+    dropped = {m.group(1) for i in decoding if (m := _TASK_WHERE.match(i.where))}
+    dropped -= {t.id for t in cfg.tasks}
+    more = [i for i in validate(cfg, plugins, gpu, known_ids=dropped)
+            if i.where not in reported]
+    return [*decoding, *more]
+
+
+_TASK_WHERE = re.compile(r"task '([^']*)'")
+
+
 def load_checked(config_path: Path | None, tasks_file: Path | None,
                  plugins: PluginSet | None) -> Config:
-    """Load, decode and validate; raises ConfigError listing every problem (warnings logged)."""
-    cfg = config_mod.load(config_path, tasks_file=tasks_file)
-    issues = validate(cfg, plugins)
+    """Load, decode and validate; raises ConfigError listing every problem (warnings logged):
+    those of decoding and those of the parts that did decode, together."""
+    cfg, decoding = config_mod.load_partial(config_path, tasks_file=tasks_file)
+    issues = check_all(cfg, decoding, plugins)
     for w in issues:
         if w.severity != "error":
             log.warning("%s", w)

@@ -109,6 +109,14 @@ def refusal(method: str, headers: Mapping[str, str], *, has_body: bool,
             return Refusal(415, ErrorCode.ERR_UNSUPPORTED_MEDIA_TYPE,
                            f"the body must be JSON sent with 'Content-Type: {_JSON}', not "
                            f"{ctype or 'no Content-Type'!r}")
+    if has_body:
+        coding = headers.get("Content-Encoding", "").strip().lower()
+        if coding not in ("", "identity"):
+            # the server never inflates a body (a small gzip bomb would stall the loop, even
+            # for a client without the token): an encoded body is refused unread
+            return Refusal(415, ErrorCode.ERR_UNSUPPORTED_MEDIA_TYPE,
+                           f"the body must be plain JSON, not compressed (Content-Encoding: "
+                           f"{coding!r}); send it without a Content-Encoding")
     return None
 
 

@@ -313,6 +313,11 @@ class Api:
         except TimeoutError:
             raise RequestError(f"the body did not arrive within [server] read_timeout "
                                f"({self.read_timeout:g} s)", status=408) from None
+        except (ConnectionResetError, web.RequestPayloadError) as exc:
+            # the client's doing (it hung up, or sent a broken chunked body), not a bug
+            log.info("%s %s: the client closed the connection or sent a broken body before "
+                     "its body arrived: %s", request.method, request.path, exc)
+            raise RequestError(f"the body could not be read: {exc}") from None
         if _json_depth_exceeds(raw, MAX_JSON_DEPTH):
             raise _too_deep()
         return raw
@@ -628,8 +633,11 @@ async def api_service(kernel: Kernel, *, metrics: Metrics | None = None,
     token = api_token(kernel.config, require_token=require_token)
     api = Api(kernel, metrics=metrics, token=token)
     keepalive = min(75.0, secs(srv.read_timeout) or 75.0)
+    # auto_decompress=False: aiohttp would inflate a gzip/deflate body in the event loop as
+    # it arrives, before any check (the guard refuses encoded bodies instead)
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False,
-                           keepalive_timeout=keepalive, shutdown_timeout=5.0)
+                           keepalive_timeout=keepalive, shutdown_timeout=5.0,
+                           auto_decompress=False)
     unsubscribe = kernel.bus.subscribe(api.observe)
     await runner.setup()
     try:
