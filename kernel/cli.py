@@ -136,6 +136,19 @@ def _iso_instant(text: str) -> float:
     return d.timestamp()
 
 
+def _port(text: str) -> int:
+    """A TCP port for ``--port``: the range ``[server] port`` accepts (the OS would take
+    70000 as 70000 % 65536 = 4464 without a word)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port (valid: 0-65535; 0 picks a free port)")
+    return port
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="config.toml to use (default: discovered, see below)")
@@ -193,7 +206,7 @@ def _parser(prog: str | None = None, *, plugin_commands: bool = False) -> argpar
                           "text (default: [kernel] log_format)")
     _add_json(run, "JSON logs (as --log-format json), and a start-up error as JSON on stdout")
     run.add_argument("--tui", action="store_true", help="show the live terminal UI")
-    run.add_argument("--port", type=int, default=None,
+    run.add_argument("--port", type=_port, default=None,
                      help="override [server] port (0 picks a free port)")
     run.add_argument("--no-server", action="store_true", help="do not start the HTTP API")
 

@@ -336,3 +336,21 @@ def test_an_exec_child_does_not_outlive_a_sigkilled_kernel(tmp_path: Path) -> No
             kernel.wait()
         if child and _pid_alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+# ============================================================ CLI
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_run_refuses_a_port_out_of_range_instead_of_wrapping_it(tmp_path: Path,
+                                                                port: str) -> None:
+    """Defect: ``run --port 70000`` started the kernel listening on 4464 (70000 % 65536),
+    although ``[server] port = 70000`` is refused by ``validate``."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'tasks = []\n[kernel]\ndata_dir = "{tmp_path / "data"}"\n')
+    p = subprocess.run([sys.executable, "-m", "kernel", "run", "--config", str(cfg),
+                        "--port", port, "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "0-65535" in p.stdout + p.stderr
