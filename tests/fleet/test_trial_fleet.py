@@ -259,7 +259,7 @@ async def test_occurrences_missed_while_the_database_was_down_are_caught_up(
         await until(lambda: len(store.failed) >= 2, 10)
         store.down = False
         missed = set(store.failed)
-        await until(lambda: {r[3] for r in ledger.rows} >= missed, 10)
+        await until(lambda: {r[3] for r in ledger.rows} >= missed, 5)
     finally:
         kernel.stop("test")
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
@@ -302,7 +302,7 @@ async def test_a_burst_on_one_busy_kernel_is_shared_with_idle_ones(fleet: Fleet)
         for _ in range(6):
             await ks.kernels[0].submit(SubmitRequest(action="rec", payload={"hold": True}))
         # kernel 0 can run 2 of them; kernel 1 is idle and could run 2 more
-        await until(lambda: len(ledger.rows) >= 4, 10)
+        await until(lambda: len(ledger.rows) >= 4, 5)
     finally:
         ledger.hold.set()
         await ks.stop()
