@@ -18,6 +18,7 @@ problem and the other plugins still load.
 
 from __future__ import annotations
 
+import re
 import zoneinfo
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -38,11 +39,41 @@ class SettingsError(ValueError):
 
 def load_settings(cls: type[S], table: Mapping[str, Any], where: str) -> S:
     """Decode ``table`` into ``cls`` (durations and numbers may be strings: ``strict=False``).
-    ``where`` names the table in the error, e.g. ``"[plugins.inference]"``."""
-    try:
-        return msgspec.convert(dict(table), cls, strict=False)
-    except msgspec.ValidationError as exc:
-        raise SettingsError(f"{where}: {exc}") from None
+    ``where`` names the table in the error, e.g. ``"[plugins.inference]"``; the error lists
+    every field in the table that is wrong, not only the first."""
+    data = dict(table)
+    problems: list[str] = []
+    dropped: set[str] = set()
+    for _ in range(len(data) + 1):
+        try:
+            value = msgspec.convert(data, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            missing = re.search(r"missing required field `([^`]+)`", text)
+            if missing and missing.group(1) in dropped:
+                break  # dropped below for a wrong value, already noted
+            field = _bad_field(text)
+            valid = getattr(cls, "__struct_fields__", ())
+            if field is not None and text.startswith("Object contains unknown") and valid:
+                text = f"{text} (valid: {', '.join(valid)})"
+            problems.append(text)
+            if field is None or field not in data:
+                break
+            del data[field]  # note it, then look for the next one
+            dropped.add(field)
+        else:
+            if not problems:
+                return value
+            break
+    raise SettingsError(f"{where}: {'; '.join(problems)}")
+
+
+def _bad_field(message: str) -> str | None:
+    """The top-level field a msgspec error is about: ``unknown field `x``` or ``- at `$.x```."""
+    for pattern in (r"unknown field `([^`]+)`", r" - at `\$\.([A-Za-z0-9_]+)"):
+        if m := re.search(pattern, message):
+            return m.group(1)
+    return None
 
 
 def plugin_settings(context: PluginContext, name: str, cls: type[S]) -> S:

@@ -111,6 +111,16 @@ def validate(cfg: Config, plugins: PluginSet | None,
         # its actions is an error of its own (unknown action), above
         for p in plugins.problems:
             issues.append(ConfigIssue(file, f"[plugins.{p.plugin}]", str(p), "warning"))
+        # a table for no installed plugin (a typo: [plugins.inferense]) would be ignored
+        # without a word while the real plugin runs on its defaults
+        known = set(plugins.plugins) | {p.plugin for p in plugins.problems}
+        for name in cfg.plugins:
+            if name not in known and name != "python":
+                issues.append(ConfigIssue(
+                    file, f"[plugins.{name}]",
+                    f"no installed plugin is named {name!r}, so these settings are ignored "
+                    f"(valid: {', '.join(sorted(known - {'builtin'})) or 'no plugin installed'}"
+                    "; `python -m kernel plugins` lists them)", "warning"))
     if "python" in cfg.plugins:
         issues.append(ConfigIssue(
             file, "[plugins.python]", "ignored: the python action's settings are the top-level "

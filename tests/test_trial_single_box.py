@@ -354,3 +354,45 @@ def test_run_refuses_a_port_out_of_range_instead_of_wrapping_it(tmp_path: Path,
                        capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert "0-65535" in p.stdout + p.stderr
+
+
+# ============================================================ plugin settings
+
+
+def test_a_settings_table_for_no_installed_plugin_is_reported() -> None:
+    """Defect: ``[plugins.inferense]`` (a typo) was ignored without a word: the real plugin
+    ran on its defaults and ``validate`` said the file was valid."""
+    from kernel.main import plugin_set
+
+    cfg, issues = config_mod.parse_text(
+        'tasks = []\n[plugins.inferense]\nbase_url = "http://gpu:8000/v1"\n', "c.toml")
+    assert not issues
+    found = {i.where: i for i in validate(cfg, plugin_set(cfg))}
+    issue = found["[plugins.inferense]"]
+    assert "no installed plugin is named 'inferense'" in issue.message
+    assert "inference" in issue.message  # what is valid
+
+
+def test_plugin_settings_report_every_wrong_field_with_what_is_valid() -> None:
+    """Defect: a ``[plugins.X]`` table reported its first wrong field only, and an unknown
+    key without the fields that are valid."""
+    import msgspec
+
+    from kernel.settings import SettingsError, load_settings
+
+    class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        base_url: str = "http://localhost:8000/v1"
+        retries: int = 3
+        model: str
+
+    with pytest.raises(SettingsError) as err:
+        load_settings(Settings, {"bogus": 1, "base_url": 5, "retries": "x", "model": "m"},
+                      "[plugins.demo]")
+    text = str(err.value)
+    assert text.startswith("[plugins.demo]: ")
+    assert "`bogus`" in text and "valid: base_url, retries, model" in text
+    assert "$.base_url" in text and "$.retries" in text
+    with pytest.raises(SettingsError) as err:  # a wrong required field: no "missing" echo
+        load_settings(Settings, {"model": 5}, "[plugins.demo]")
+    assert "$.model" in str(err.value) and "missing" not in str(err.value)
+    assert load_settings(Settings, {"model": "m", "retries": "4"}, "[x]").retries == 4
