@@ -237,6 +237,9 @@ class Config(msgspec.Struct, kw_only=True):
     #: key (``tasks = []`` or ``[[tasks]]`` in TOML, ``tasks:`` in the YAML tasks file).
     blank: bool = False
     tasks_declared: bool = False
+    #: The file of each task that is not in ``source`` (the YAML tasks file's), by task id, so
+    #: that a problem of that task names the file it is in.
+    task_files: dict[str, str] = msgspec.field(default_factory=dict)
 
     def data_dir(self) -> Path:
         if self.kernel.data_dir:
@@ -450,5 +453,7 @@ def load_partial(path: Path | None = None, *,
             if t.id in known:
                 issues.append(ConfigIssue(str(tasks_file), f"task {t.id!r}",
                                           f"duplicate task id (also in {file})"))
+            else:
+                cfg.task_files[t.id] = str(tasks_file)
             cfg.tasks.append(t)
     return cfg, issues

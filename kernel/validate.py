@@ -77,25 +77,26 @@ def validate(cfg: Config, plugins: PluginSet | None,
     ids = {t.id for t in cfg.tasks} | set(known_ids)
     for t in cfg.tasks:
         where = f"task {t.id!r}"
+        tfile = cfg.task_files.get(t.id, file)  # the YAML tasks file's tasks name it
         tz = t.tz or default_tz
         if t.tz is not None and not _tz_ok(t.tz):
-            issues.append(ConfigIssue(file, f"{where}.tz", f"unknown time zone {t.tz!r} (valid: "
+            issues.append(ConfigIssue(tfile, f"{where}.tz", f"unknown time zone {t.tz!r} (valid: "
                                       "an IANA name such as 'UTC', 'Europe/Berlin')"))
         elif t.schedule is not None:
             try:
                 parse_schedule(t.schedule, tz)
             except CronError as exc:
-                issues.append(ConfigIssue(file, f"{where}.schedule", str(exc)))
+                issues.append(ConfigIssue(tfile, f"{where}.schedule", str(exc)))
         for up in t.after:
             if up not in ids:
-                issues.append(ConfigIssue(file, f"{where}.after",
+                issues.append(ConfigIssue(tfile, f"{where}.after",
                                           f"unknown task {up!r} (tasks: {', '.join(sorted(ids))})"))
             if up == t.id:
-                issues.append(ConfigIssue(file, f"{where}.after", "a task cannot depend on itself"))
+                issues.append(ConfigIssue(tfile, f"{where}.after", "a task cannot depend on itself"))
         if gpu is not None and t.gpu_memory_mb > 0:
             why = gpu.never_fits(t.gpu_memory_mb, t.gpu if isinstance(t.gpu, int) else None)
             if why is not None:
-                issues.append(ConfigIssue(file, f"{where}.gpu_memory_mb", f"[ERR_GPU_UNAVAILABLE] {why}"))
+                issues.append(ConfigIssue(tfile, f"{where}.gpu_memory_mb", f"[ERR_GPU_UNAVAILABLE] {why}"))
         if plugins is not None:
             try:
                 action = plugins.action(t.action)
@@ -105,7 +106,7 @@ def validate(cfg: Config, plugins: PluginSet | None,
                 field = "action" if missing else "payload"
                 # a disabled task may name a plugin that is not installed yet: warn, do not stop
                 sev = "warning" if missing and not t.enabled else "error"
-                issues.append(ConfigIssue(file, f"{where}.{field}", f"[{exc.code}] {exc}", sev))
+                issues.append(ConfigIssue(tfile, f"{where}.{field}", f"[{exc.code}] {exc}", sev))
     if plugins is not None:
         # a broken plugin does not stop the others (or the kernel): a task that needs one of
         # its actions is an error of its own (unknown action), above

@@ -396,3 +396,17 @@ def test_plugin_settings_report_every_wrong_field_with_what_is_valid() -> None:
         load_settings(Settings, {"model": 5}, "[plugins.demo]")
     assert "$.model" in str(err.value) and "missing" not in str(err.value)
     assert load_settings(Settings, {"model": "m", "retries": "4"}, "[x]").retries == 4
+
+
+def test_a_problem_of_a_task_from_the_yaml_tasks_file_names_that_file(tmp_path: Path) -> None:
+    """Defect: with ``--tasks tasks.yaml`` a bad schedule or unknown action of a YAML task
+    was reported against the TOML config file, where the user finds no such task."""
+    toml = tmp_path / "config.toml"
+    toml.write_text('[kernel]\ntimezone = "UTC"\n')
+    yaml = tmp_path / "tasks.yaml"
+    yaml.write_text('tasks:\n  - id: a\n    schedule: "61 * * * *"\n    action: log\n'
+                    '    payload: {message: x}\n')
+    with pytest.raises(ConfigError) as err:
+        load_checked(toml, yaml, None)
+    (issue,) = err.value.issues
+    assert (issue.file, issue.where) == (str(yaml), "task 'a'.schedule"), issue
