@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +23,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from .api.security import loopback_name, read_token, token_path
+from .api.security import is_loopback, loopback_name, read_token, token_path
 from .config import Config
 from .durations import parse_duration
 from .records import JobState, Outcome
@@ -40,9 +41,23 @@ def default_token(url: str) -> str | None:
         host = urlsplit(url).hostname or ""
     except ValueError:
         return None
-    if not loopback_name(host.lower()):
+    if not loopback_name(host.lower()) or not _resolves_to_loopback(host):
         return None
     return read_token(token_path(Config().data_dir()))
+
+
+def _resolves_to_loopback(host: str) -> bool:
+    """Whether every address ``host`` resolves to is a loopback one. ``*.localhost`` means
+    this machine by RFC 6761, but a resolver without that rule (glibc's, without
+    systemd-resolved) asks DNS, whose answer could be any host."""
+    h = host.strip("[]")
+    if is_loopback(h):
+        return True  # an address literal: no lookup
+    try:
+        infos = socket.getaddrinfo(h, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(is_loopback(str(info[4][0]).split("%", 1)[0]) for info in infos)
 
 
 class ClientFailure(Exception):

@@ -410,3 +410,35 @@ def test_a_problem_of_a_task_from_the_yaml_tasks_file_names_that_file(tmp_path: 
         load_checked(toml, yaml, None)
     (issue,) = err.value.issues
     assert (issue.file, issue.where) == (str(yaml), "task 'a'.schedule"), issue
+
+
+# ============================================================ client: where the token goes
+
+
+def test_the_cli_sends_the_file_token_to_a_localhost_name_only_if_it_is_loopback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect: the CLI sent the token file to any ``*.localhost`` URL on the name alone, but
+    glibc's resolver (without systemd-resolved) asks DNS for such names: a DNS answer with
+    another host's address received the token."""
+    import socket
+
+    from kernel import client as client_mod
+
+    monkeypatch.delenv("KERNEL_API_TOKEN", raising=False)
+    monkeypatch.setenv("KERNEL_DATA_DIR", str(tmp_path))
+    (tmp_path / "api.token").write_text("t" * 64 + "\n")
+    answers = {"box.localhost": "203.0.113.7", "lo.localhost": "127.0.0.1",
+               "localhost": "127.0.0.1"}
+
+    def fake_getaddrinfo(host: str, *args: Any, **kwargs: Any) -> list[Any]:
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    assert client_mod.default_token("http://box.localhost:8765") is None
+    assert client_mod.default_token("http://nowhere.localhost:8765") is None
+    assert client_mod.default_token("http://lo.localhost:8765") == "t" * 64
+    assert client_mod.default_token("http://localhost:8765") == "t" * 64
+    assert client_mod.default_token("http://127.0.0.1:8765") == "t" * 64
+    assert client_mod.default_token("http://[::1]:8765") == "t" * 64
