@@ -335,6 +335,7 @@ def _run_async(coro: Coroutine[Any, Any, int], *, exit_if_stuck: bool = False) -
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    from .api.server import AddressInUse
     from .discovery import discover
     from .main import serve
 
@@ -351,16 +352,20 @@ def cmd_run(a: argparse.Namespace) -> int:
                 raise
             raise first from None
     except ConfigError as exc:
+        # a port another process holds is a runtime failure (exit 1: a service manager
+        # tries again), not an invalid file (78: it would not)
+        status = EXIT_FAILURE if isinstance(exc, AddressInUse) else EXIT_CONFIG
         if a.json:
-            _print_json(_error_doc(exc.code.value, "the configuration has problems",
-                                   EXIT_CONFIG, file=found.describe(),
+            _print_json(_error_doc(exc.code.value, "the configuration has problems"
+                                   if status == EXIT_CONFIG else str(exc), status,
+                                   file=found.describe(),
                                    issues=[_issue_doc(i) for i in exc.issues]))
-            return EXIT_CONFIG
-        print(f"the kernel did not start: the configuration ({found.describe()}) has problems:",
-              file=sys.stderr)
+            return status
+        print(f"the kernel did not start: the configuration ({found.describe()}) has problems:"
+              if status == EXIT_CONFIG else "the kernel did not start:", file=sys.stderr)
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
-        return EXIT_CONFIG
+        return status
     except KernelError as exc:
         from .errors import CATALOGUE
 

@@ -442,3 +442,23 @@ def test_the_cli_sends_the_file_token_to_a_localhost_name_only_if_it_is_loopback
     assert client_mod.default_token("http://localhost:8765") == "t" * 64
     assert client_mod.default_token("http://127.0.0.1:8765") == "t" * 64
     assert client_mod.default_token("http://[::1]:8765") == "t" * 64
+
+
+@pytest.mark.slow
+def test_run_exits_1_not_78_when_the_port_is_taken(tmp_path: Path) -> None:
+    """Defect: docs/SERVICE.md says a taken API port is a runtime failure (exit 1, restarted
+    by systemd); ``run`` exited 78 (EX_CONFIG), which ``RestartPreventExitStatus=78`` never
+    restarts, so a kernel started while its predecessor still held the port stayed down."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(f'tasks = []\n[kernel]\ndata_dir = "{tmp_path / "data"}"\n'
+                       f"[server]\nport = {port}\n")
+        p = subprocess.run([sys.executable, "-m", "kernel", "run", "--config", str(cfg)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert "[server].port" in p.stderr and "in use" in p.stderr

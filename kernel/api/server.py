@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import hmac
 import importlib.metadata
 import logging
@@ -72,6 +73,12 @@ MAX_JSON_DEPTH = 64
 _HTTP_CODES = {401: ErrorCode.ERR_UNAUTHORIZED, 404: ErrorCode.ERR_NOT_FOUND}
 _JSON = "application/json"
 _ENCODER = msgspec.json.Encoder()
+
+
+class AddressInUse(ConfigError):
+    """The API's address is taken by another process: a runtime failure (``run`` exits 1, so
+    that a service manager tries again, docs/SERVICE.md), not an invalid file, although the
+    message names ``[server] port``."""
 
 
 class RequestError(KernelError):
@@ -645,7 +652,8 @@ async def api_service(kernel: Kernel, *, metrics: Metrics | None = None,
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError([ConfigIssue(
+            error = AddressInUse if exc.errno == errno.EADDRINUSE else ConfigError
+            raise error([ConfigIssue(
                 kernel.config.source, "[server].port",
                 f"cannot listen on {srv.host}:{srv.port}: {exc.strerror or exc} (another "
                 "process may use the port; port = 0 picks a free one)")]) from None
