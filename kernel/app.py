@@ -72,6 +72,7 @@ from .records import (
 from .requests import SubmitRequest, job_from_request
 from .runner import Runner, RunningJob
 from .snapshot import Counters, GpuView, QueuedView, RunningView, Snapshot, TaskView
+from .store import describe as describe_store
 from .store.base import Store
 from .timers import Timers
 from .timetable import Firing, TaskRuntime, Timetable
@@ -87,6 +88,8 @@ MAINTENANCE_EVERY = 60.0
 FIRE_CHUNK = 1024  # occurrences made durable and offered per store round trip
 API_BIND_WAIT = 10.0  # seconds KernelStarted waits for the API to be bound
 RECOVERY_REPORT_EVERY = 1.0  # seconds between progress lines while re-arming a large store
+REFIRE_FIRST = 0.5  # fleet: seconds before occurrences a database failure kept are fired again
+REFIRE_MAX = 30.0   # (doubling up to this while it keeps failing)
 
 
 @dataclass(slots=True)
@@ -153,6 +156,9 @@ class Kernel:
         self._stopping = False
         self._serving = False
         self._followups: set[asyncio.Task[None]] = set()
+        # fleet: task id -> its earliest occurrence a database failure kept from being fired
+        self._unfired: dict[str, float] = {}
+        self._refire_wake = asyncio.Event()
         self._api_bound: asyncio.Event | None = None
         self.fleet: FleetMember | None = None
         if isinstance(store, FleetStore):  # several kernels share this store: see fleet.py
@@ -218,6 +224,7 @@ class Kernel:
             service_tasks.append(services.create_task(self.journal.keep_saving()))
             if self.fleet is not None:  # (its heartbeats began at join: see run)
                 service_tasks.append(services.create_task(self.fleet.claims()))
+                service_tasks.append(services.create_task(self._refire()))
             for svc in self._extra_services:
                 service_tasks.append(services.create_task(svc(self)))
             await asyncio.sleep(0)  # let the services begin (the API announces itself)
@@ -392,6 +399,34 @@ class Kernel:
         if f.state is not None:
             await self._save_state(f.state)
 
+    async def _refire(self) -> None:
+        """A fleet service: occurrences a database failure kept from being fired are decided
+        again once it answers, as occurrences missed while the kernel was down are: each
+        task's misfire policy over the window from its earliest unfired occurrence to now (so
+        ``catch_up`` runs them late, ``coalesce`` once, ``skip`` records them). Occurrences in
+        that window fired meanwhile, here or elsewhere, are not run again: the fleet keys them
+        by task and instant. Tried again with backoff while the database still fails."""
+        delay = REFIRE_FIRST
+        while True:
+            if not self._unfired:
+                self._refire_wake.clear()
+                await self._refire_wake.wait()
+                delay = REFIRE_FIRST
+                continue
+            await self.clock.sleep(delay)
+            behind, self._unfired = self._unfired, {}
+            tt = self.timetable
+            wall = self.clock.wall()
+            firings = []
+            for task_id, first in behind.items():
+                rt = tt.tasks.get(task_id)
+                if rt is not None and rt.schedule is not None and not rt.paused:
+                    firings.append(tt.misfires(rt, first - 0.001, wall))
+            await self._make_durable_all(firings)
+            for task_id in self._unfired.keys() & behind.keys():  # failed again: same window
+                self._unfired[task_id] = min(self._unfired[task_id], behind[task_id])
+            delay = min(delay * 2, REFIRE_MAX) if self._unfired else REFIRE_FIRST
+
     def _heartbeats_ended(self, task: asyncio.Task[None]) -> None:
         """The heartbeat service ends only when cancelled. Anything else is a bug: without
         heartbeats the fleet declares this kernel dead after the TTL and it can neither claim
@@ -422,6 +457,12 @@ class Kernel:
         if not jobs:
             return
         run_here = await self.journal.occurrences(jobs, wall)
+        if run_here is None:  # fleet, database failed: fired again by policy (_refire)
+            for rt, at in occ:
+                tid = rt.cfg.id
+                self._unfired[tid] = min(at, self._unfired.get(tid, at))
+            self._refire_wake.set()
+            return
         now_mono = self.clock.monotonic()
         for job in run_here:
             self._submitted(job, wall)
@@ -705,6 +746,10 @@ class Kernel:
         abandoned (it ignored the cancellation), or finished anyway (it ended first)."""
         r = self.runner.get(job_id)
         job = await self.cancel(job_id)
+        if r is None and job.state is JobState.RUNNING and self.fleet is not None:
+            # running on another kernel: it is not run again, but this kernel cannot stop it
+            # there (its outcome will be recorded as superseded); it is still running
+            return CancelReport(job=job, was=JobState.RUNNING, ended=False)
         if r is None or r.job is not job:
             return CancelReport(job=job, was=job.state, ended=True,
                                 outcome=Outcome.CANCELLED.value,
@@ -872,9 +917,8 @@ class Kernel:
                                      message=str(exc)))
 
     def _store_name(self) -> str:
-        if self.config.store.backend == "memory":
-            return "memory (nothing persists)"
-        return str(self.config.store_path())
+        st = self.config.store
+        return describe_store(st.backend, self.config.store_path(), st.dsn, st.schema)
 
     async def _maintenance(self) -> None:
         st = self.config.store

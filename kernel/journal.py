@@ -74,19 +74,22 @@ class Journal:
         return results, [r.job for r, o in zip(results, owned, strict=True)
                          if o and not r.existed]
 
-    async def occurrences(self, jobs: list[Job], wall: float) -> list[Job]:
+    async def occurrences(self, jobs: list[Job], wall: float) -> list[Job] | None:
         """Make cron occurrences durable; the ones to run here. One box: the new ones (or all
         of them from memory when the store fails). A fleet: the ones this kernel won (each runs
-        once fleet-wide), none when the database fails."""
+        once fleet-wide); ``None`` when the database failed and none was fired (running them
+        from memory would run them on every box): the caller fires them again later, which
+        never runs one twice (the fleet keys occurrences by task and instant)."""
         if self.fleet is not None:
             try:
                 won = await self.fleet.store.fire(jobs, wall, owner=self.fleet.id,
                                                   claim_before=self.fleet.claim_before(wall))
             except StoreError as exc:
                 self._on_failed(exc)
-                log.error("%d cron occurrence(s) not fired: the fleet's database failed",
+                log.error("%d cron occurrence(s) not fired yet: the fleet's database failed; "
+                          "fired again, by each task's misfire policy, once it answers",
                           len(jobs))
-                return []
+                return None
             return [j for j, mine in zip(jobs, won, strict=True) if mine]
         try:
             results = await self.store.submit(jobs, wall)

@@ -35,6 +35,7 @@ from .metrics import KernelMetrics
 from .plugins import PluginSet
 from .plugins import load as load_plugins
 from .reload import ConfigReloader as ConfigReloader  # re-exported (kernel.main.ConfigReloader)
+from .store import describe as describe_store
 from .store.base import Store
 from .store.memory import MemoryStore
 from .store.sqlite import SqliteStore
@@ -159,8 +160,8 @@ def banner(cfg: Config, discovered: Discovered | None, fmt: str) -> None:
     """Where the config, data and store are: four plain lines on stderr in text mode; in JSON
     mode one structured log record instead, so the JSON log stream stays one object a line."""
     config = discovered.describe() if discovered is not None else cfg.source
-    store = ("memory (nothing persists)" if cfg.store.backend == "memory"
-             else str(cfg.store_path()))
+    store = describe_store(cfg.store.backend, cfg.store_path(), cfg.store.dsn,
+                           cfg.store.schema)
     if fmt == "json":
         log.info("Open-AutoGLM Kernel: config %s; data dir: %s; store: %s", config, cfg.data_dir(),
                  store)

@@ -7,8 +7,23 @@ migrations, row codecs). Nothing here reads a clock: methods
 that need "now" take it as an argument.
 """
 
+from pathlib import Path
+
 from kernel.store.base import Store
 from kernel.store.memory import MemoryStore
 from kernel.store.sqlite import SqliteStore
 
-__all__ = ["MemoryStore", "SqliteStore", "Store"]
+
+def describe(backend: str, sqlite_path: Path, dsn: str | None, schema: str) -> str:
+    """The store a config names, for banners and ``KernelStarted``: the SQLite file, the
+    PostgreSQL database (its DSN without a password) and schema, or memory."""
+    if backend == "memory":
+        return "memory (nothing persists)"
+    if backend == "postgres":
+        from kernel.store.postgres import redact  # (asyncpg only when it is used)
+
+        return f"PostgreSQL {redact(dsn or '')} (schema {schema})"
+    return str(sqlite_path)
+
+
+__all__ = ["MemoryStore", "SqliteStore", "Store", "describe"]
