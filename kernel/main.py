@@ -96,7 +96,8 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
     (SIGSEGV/SIGABRT/... dump every thread's stack) and tunes the garbage collector once the
     kernel has armed its timers (:mod:`kernel.gcpolicy`), restoring it when the kernel stops."""
     faulthandler.enable()
-    plugins = plugin_set(config_mod.load(config_path, tasks_file=tasks_file))
+    # plugins from what decoded, so that load_checked reports every problem at once
+    plugins = plugin_set(config_mod.load_partial(config_path, tasks_file=tasks_file)[0])
     cfg = load_checked(config_path, tasks_file, plugins)
     if port is not None:
         cfg.server.port = port
