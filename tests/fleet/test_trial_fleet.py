@@ -123,10 +123,10 @@ def test_validate_rejects_a_malformed_dsn_and_a_too_long_schema() -> None:
         assert any(field in i.where or field in i.message for i in issues), (store, issues)
 
 
-@pytest.mark.xfail(strict=True, reason="kernel/main.py banner() and kernel/app.py _store_name() "
-                   "print cfg.store_path() (an unused SQLite file) for backend = 'postgres'")
 def test_the_banner_of_a_fleet_kernel_names_its_database_not_a_sqlite_file(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The start-up banner (and the "kernel started" line) named <data_dir>/kernel.sqlite3,
+    a file a fleet kernel never uses, instead of its database."""
     cfg, issues = parse_text(f'[kernel]\ndata_dir = "{tmp_path}"\n[store]\nbackend = "postgres"\n'
                              'dsn = "postgresql://kernel:SECRET@db/kernel"\n', "c.toml")
     assert not [i for i in issues if i.severity == "error"]
@@ -182,11 +182,9 @@ async def test_a_finish_after_a_cancel_from_another_kernel_is_superseded(fleet: 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="kernel/app.py cancel_and_wait: a job found only in the "
-                   "store (running on another kernel) is reported ended/cancelled at once; it "
-                   "should report running (README DELETE: 'or running: true'), since the fleet "
-                   "cannot stop a run on another box")
 async def test_cancelling_a_run_on_another_kernel_does_not_claim_it_ended(fleet: Fleet) -> None:
+    """A job found only in the store (running on another kernel) was reported ended and
+    cancelled at once, while it ran on; the fleet cannot stop it (README: 'or running: true')."""
     ledger = Ledger()
     ks = Kernels(fleet, ledger)
     ledger.hold.clear()
@@ -231,12 +229,11 @@ class FireFailsStore(PostgresStore):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="kernel/journal.py occurrences(): in a fleet, occurrences "
-                   "whose fire failed (database unreachable) are dropped for good, whatever "
-                   "the task's misfire policy; firing them again once the database answers is "
-                   "safe (the fired table keys them) and is what misfire = catch_up promises")
 async def test_occurrences_missed_while_the_database_was_down_are_caught_up(
         fleet: Fleet) -> None:
+    """In a fleet, occurrences whose fire failed (database unreachable) were dropped for good,
+    whatever the task's misfire policy; firing them again once the database answers is safe
+    (the fired table keys them) and is what misfire = catch_up promises."""
     store = FireFailsStore(fleet.cluster.dsn, schema=fleet.schema)
     ledger = Ledger()
     plugins = load_plugins(PluginContext(), extra=[("rec", ledger.plugin(0))],
