@@ -257,10 +257,6 @@ def test_validate_reports_decoding_and_schedule_problems_at_once(tmp_path: Path)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="kernel/main.py serve() calls config_mod.load() (which "
-                   "raises on decoding problems alone) before load_checked(); it should "
-                   "build its plugins from config_mod.load_partial(...)[0] so that "
-                   "load_checked reports every problem")
 def test_run_reports_decoding_and_schedule_problems_at_once(tmp_path: Path) -> None:
     path = _mixed(tmp_path)
     p = subprocess.run([sys.executable, "-m", "kernel", "run", "--config", str(path),
@@ -287,13 +283,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="exec children run in their own session and outlive "
-                   "a SIGKILLed kernel; the restarted kernel runs the job again (recovered) "
-                   "while the orphan still runs. Fix in kernel/builtin_actions.py (exec): "
-                   "have the child die with the kernel, e.g. the wrapper sets "
-                   "prctl(PR_SET_PDEATHSIG, SIGKILL) and becomes a subreaper that kills its "
-                   "process group when it gets it, or record the child's pgid with the "
-                   "RUNNING mark and kill that group when the job is recovered")
 def test_an_exec_child_does_not_outlive_a_sigkilled_kernel(tmp_path: Path) -> None:
     port = free_port()
     data = tmp_path / "data"
