@@ -183,6 +183,12 @@ class RetryPolicy(_Section):
             raise ValueError("multiplier: must be at least 1")
 
 
+PRIORITY_MAX = 1_000_000
+"""A task's (and a submission's) priority lies in ``[-PRIORITY_MAX, PRIORITY_MAX]``."""
+GPU_MEMORY_MB_MAX = 1 << 31
+"""More memory (in MB, 2 PiB) than any card has: a bound that keeps the value storable."""
+
+
 class TaskConfig(_Section):
     id: str
     action: str
@@ -215,8 +221,13 @@ class TaskConfig(_Section):
             raise ValueError("max_instances: must be at least 1")
         if self.max_catch_up < 0:
             raise ValueError("max_catch_up: must be 0 or more")
-        if self.gpu_memory_mb < 0:
-            raise ValueError("gpu_memory_mb: must be 0 or more")
+        if not -PRIORITY_MAX <= self.priority <= PRIORITY_MAX:
+            # what POST /jobs accepts; a TOML integer has no bound, and one past 64 bits
+            # stopped the kernel when the task's first job was stored
+            raise ValueError(f"priority: must be between -{PRIORITY_MAX:_} and "
+                             f"{PRIORITY_MAX:_} (higher runs first)")
+        if not 0 <= self.gpu_memory_mb <= GPU_MEMORY_MB_MAX:
+            raise ValueError(f"gpu_memory_mb: must be 0 or more, at most {GPU_MEMORY_MB_MAX:_}")
         if isinstance(self.gpu, str) and self.gpu != "any":
             raise ValueError("gpu: must be a GPU index (0, 1, ...) or \"any\"")
 

@@ -451,3 +451,16 @@ def test_run_exits_1_not_78_when_the_port_is_taken(tmp_path: Path) -> None:
                            capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 1, p.stderr
     assert "[server].port" in p.stderr and "in use" in p.stderr
+
+
+@pytest.mark.parametrize(("field", "value"), [("priority", 10**23), ("priority", -(2**63)),
+                                              ("gpu_memory_mb", 2**64)])
+def test_a_task_number_that_cannot_be_stored_is_a_config_error(field: str, value: int) -> None:
+    """Defect: ``priority = 99999999999999999999999`` passed ``validate``; ``run`` then
+    stopped with ERR_BAD_PAYLOAD ("its payload cannot be stored") at the task's first
+    occurrence. POST /jobs bounds priority to +-1,000,000; a task now has the same bound."""
+    _cfg, issues = config_mod.parse_text(
+        f'[[tasks]]\nid = "t"\nschedule = "@every 1s"\naction = "log"\n{field} = {value}\n',
+        "c.toml")
+    assert [i.where for i in issues] == [f"task 't'.{field}"], issues
+    assert "must be" in issues[0].message

@@ -20,7 +20,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from kernel.app import Snapshot
 from kernel.app import TaskView as KernelTaskView
-from kernel.config import TaskConfig
+from kernel.config import PRIORITY_MAX, TaskConfig
 from kernel.errors import ErrorCode
 from kernel.records import Job, JobKind, JobState, Outcome, RunRecord
 
@@ -33,7 +33,7 @@ OFFSET_MAX = 1_000_000_000
 
 Seconds = Annotated[float, Meta(ge=0, le=MAX_SECONDS, description="seconds")]
 PositiveSeconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS, description="seconds")]
-Priority = Annotated[int, Meta(ge=-1_000_000, le=1_000_000,
+Priority = Annotated[int, Meta(ge=-PRIORITY_MAX, le=PRIORITY_MAX,
                                description="higher runs first (default 0)")]
 Instant = Annotated[str | float, Meta(
     description="an ISO-8601 instant (no offset: UTC), or epoch seconds")]
