@@ -14,6 +14,8 @@ import zoneinfo
 from collections.abc import Collection
 from pathlib import Path
 
+import msgspec
+
 from . import config as config_mod
 from .config import Config, TaskConfig
 from .errors import ConfigError, ConfigIssue, CronError, KernelError
@@ -97,6 +99,14 @@ def validate(cfg: Config, plugins: PluginSet | None,
             why = gpu.never_fits(t.gpu_memory_mb, t.gpu if isinstance(t.gpu, int) else None)
             if why is not None:
                 issues.append(ConfigIssue(tfile, f"{where}.gpu_memory_mb", f"[ERR_GPU_UNAVAILABLE] {why}"))
+        try:  # each job of the task stores its payload as msgpack (kernel.store.schema)
+            msgspec.msgpack.encode(t.payload)
+        except (TypeError, OverflowError, ValueError) as exc:
+            # else its first occurrence could not be stored, which stopped the kernel
+            issues.append(ConfigIssue(tfile, f"{where}.payload",
+                                      f"[ERR_BAD_PAYLOAD] cannot be stored: {exc} (valid: "
+                                      "integers from -2**63 to 2**64-1)"))
+            continue
         if plugins is not None:
             try:
                 action = plugins.action(t.action)

@@ -464,3 +464,22 @@ def test_a_task_number_that_cannot_be_stored_is_a_config_error(field: str, value
         "c.toml")
     assert [i.where for i in issues] == [f"task 't'.{field}"], issues
     assert "must be" in issues[0].message
+
+
+async def test_a_task_whose_payload_cannot_be_stored_is_refused_not_armed() -> None:
+    """Defect: POST /tasks (or a config file, or a reload) accepted a payload holding an
+    integer past 64 bits; when the task fired, its job could not be stored and the whole
+    kernel stopped ("the kernel stopped: [ERR_BAD_PAYLOAD] ... cannot be stored")."""
+    async with serve() as api:
+        task = {"id": "big", "schedule": "@every 1s", "action": "rec",
+                "payload": {"n": 10**23}}
+        r = await api.call("POST", "/tasks", task)
+        assert r.status == 400, r
+        assert r.error["code"] == "ERR_CONFIG_INVALID"
+        assert r.error["field"] == "payload", r.error
+        assert api.kernel.config.task("big") is None
+    cfg, issues = config_mod.parse_text(
+        '[[tasks]]\nid = "t"\nschedule = "@every 1s"\naction = "log"\n'
+        'payload = { message = "m", n = 99999999999999999999999 }\n', "c.toml")
+    assert not issues
+    assert [i.where for i in validate(cfg, None)] == ["task 't'.payload"]
