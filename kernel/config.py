@@ -8,6 +8,7 @@ need other rooms (cron syntax, known actions, dependency cycles) live in ``kerne
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 import tomllib
@@ -57,13 +58,24 @@ def _dur(v: float | str | None) -> float | None:
     return None if v is None else parse_duration(v)
 
 
+MAX_TIMER_SECONDS = 10 * 366 * 86400.0
+"""The longest duration that becomes a timer (a timeout, a jitter, a retry delay): ten
+years, what POST /jobs accepts for ``delay`` and ``timeout``."""
+
+
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    def _durations(self, *names: str) -> None:
+    def _durations(self, *names: str, most: float | None = None) -> None:
+        """Parse the duration fields ``names``; ``most`` bounds them (a timer cannot be armed
+        at 1e308 s: a task with such a jitter was added by POST /tasks but never armed)."""
         for name in names:
             try:
-                setattr(self, name, _dur(getattr(self, name)))
+                value = _dur(getattr(self, name))
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+            if most is not None and value is not None and value > most:
+                raise ValueError(f"{name}: {value:g} s is too long (valid: at most "
+                                 f"{most / 86400:g} days)")
+            setattr(self, name, value)
 
 
 class KernelSection(_Section):
@@ -158,15 +170,16 @@ class SchedulerSection(_Section):
     concurrency_limits: dict[str, int] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._durations("aging")
+        self._durations("aging", most=MAX_TIMER_SECONDS)
         if float(self.aging) <= 0:
             raise ValueError("aging: must be more than 0 seconds")
         if self.queue_depth < 1:
             raise ValueError("queue_depth: must be at least 1")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency: must be at least 1")
-        if self.timeout_sec <= 0:
-            raise ValueError("timeout_sec: must be positive")
+        if not 0 < self.timeout_sec <= MAX_TIMER_SECONDS:  # nan (TOML has it) fails too
+            raise ValueError("timeout_sec: must be more than 0 seconds, at most "
+                             f"{MAX_TIMER_SECONDS:.0f} (ten years)")
 
 
 class RetryPolicy(_Section):
@@ -176,11 +189,11 @@ class RetryPolicy(_Section):
     multiplier: float = 2.0
 
     def __post_init__(self) -> None:
-        self._durations("initial_delay", "max_delay")
+        self._durations("initial_delay", "max_delay", most=MAX_TIMER_SECONDS)
         if self.max_attempts < 1:
             raise ValueError("max_attempts: must be at least 1")
-        if self.multiplier < 1:
-            raise ValueError("multiplier: must be at least 1")
+        if not 1 <= self.multiplier < math.inf:  # nan (TOML has it) fails too
+            raise ValueError("multiplier: must be a number, at least 1")
 
 
 PRIORITY_MAX = 1_000_000
@@ -212,7 +225,7 @@ class TaskConfig(_Section):
     concurrency_key: str | None = None
 
     def __post_init__(self) -> None:
-        self._durations("timeout", "jitter", "misfire_grace")
+        self._durations("timeout", "jitter", "misfire_grace", most=MAX_TIMER_SECONDS)
         if self.timeout is not None and float(self.timeout) <= 0:
             raise ValueError("timeout: must be more than 0 seconds (leave it out for the default)")
         if not TASK_ID_RE.match(self.id):

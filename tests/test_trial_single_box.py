@@ -483,3 +483,31 @@ async def test_a_task_whose_payload_cannot_be_stored_is_refused_not_armed() -> N
         'payload = { message = "m", n = 99999999999999999999999 }\n', "c.toml")
     assert not issues
     assert [i.where for i in validate(cfg, None)] == ["task 't'.payload"]
+
+
+async def test_a_task_duration_too_long_for_a_timer_is_refused_not_half_added() -> None:
+    """Defect: POST /tasks with ``jitter = 1e308`` answered 500 ERR_INTERNAL (the timing
+    wheel refused the deadline) after the task had been added: it was listed, never armed."""
+    async with serve() as api:
+        task = {"id": "far", "schedule": "@every 60s", "action": "rec", "jitter": 1e308}
+        r = await api.call("POST", "/tasks", task)
+        assert r.status == 400, r
+        assert r.error["code"] == "ERR_CONFIG_INVALID" and r.error["field"] == "jitter"
+        r = await api.call("GET", "/tasks")
+        assert "far" not in {t["id"] for t in r.body["tasks"]}
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("[scheduler]\ntimeout_sec = nan\n", "[scheduler].timeout_sec"),
+    ("[scheduler]\ntimeout_sec = inf\n", "[scheduler].timeout_sec"),
+    ('[[tasks]]\nid = "t"\nschedule = "@every 1s"\naction = "log"\n'
+     "retry = { max_attempts = 3, multiplier = nan }\n", "task 't'.retry"),
+    ('[[tasks]]\nid = "t"\nschedule = "@every 1s"\naction = "log"\ntimeout = 1e300\n',
+     "task 't'.timeout"),
+])
+def test_nan_inf_and_huge_numbers_in_timer_settings_are_config_errors(text: str,
+                                                                      where: str) -> None:
+    """Defect: TOML has ``nan`` and ``inf``; ``timeout_sec = nan`` and a retry
+    ``multiplier = nan`` passed every check (``nan <= 0`` is false)."""
+    _cfg, issues = config_mod.parse_text(text, "c.toml")
+    assert [i.where for i in issues] == [where], issues
