@@ -141,6 +141,10 @@ class StoreSection(_Section):
             raise ValueError("schema: must be a PostgreSQL schema name such as 'kernel'")
         if self.synchronous.upper() not in {"NORMAL", "FULL", "OFF", "EXTRA"}:
             raise ValueError("synchronous: must be NORMAL, FULL, EXTRA or OFF")
+        if self.history_max_rows < 1:
+            # retention keeps max(0, n) rows: -1 (the usual "no limit") deleted every run
+            raise ValueError("history_max_rows: must be at least 1 (the runs kept; "
+                             "history_max_age bounds their age)")
 
 
 class FleetSection(_Section):

@@ -511,3 +511,12 @@ def test_nan_inf_and_huge_numbers_in_timer_settings_are_config_errors(text: str,
     ``multiplier = nan`` passed every check (``nan <= 0`` is false)."""
     _cfg, issues = config_mod.parse_text(text, "c.toml")
     assert [i.where for i in issues] == [where], issues
+
+
+@pytest.mark.parametrize("rows", [-1, 0])
+def test_a_history_limit_below_one_is_a_config_error(rows: int) -> None:
+    """Defect: ``[store] history_max_rows = -1`` (the usual "no limit") was accepted and
+    retention pruned beyond ``max(0, -1)`` rows: every run, so ``GET /jobs/{id}`` of a job
+    that just finished answered 404."""
+    _cfg, issues = config_mod.parse_text(f"[store]\nhistory_max_rows = {rows}\n", "c.toml")
+    assert [i.where for i in issues] == ["[store].history_max_rows"], issues
