@@ -112,6 +112,9 @@ class ServerSection(_Section):
         self._durations("read_timeout", "write_timeout")
         if not 0 <= self.port <= 65535:
             raise ValueError("port: must be 0-65535 (0 picks a free port)")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes: must be at least 1024 (a smaller one refuses "
+                             "every submission with 413)")
         if not self.require_token and not is_loopback(self.host):
             raise ValueError(
                 f"require_token: false is only allowed on a loopback host, not {self.host!r} "
@@ -181,6 +184,10 @@ class SchedulerSection(_Section):
             raise ValueError("queue_depth: must be at least 1")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency: must be at least 1")
+        held = sorted(k for k, n in self.concurrency_limits.items() if n < 1)
+        if held:  # a job with such a key would wait for a free slot for ever
+            raise ValueError(f"concurrency_limits: the limit of {held[0]!r} must be at least 1 "
+                             "(jobs that may run at once with that key)")
         if not 0 < self.timeout_sec <= MAX_TIMER_SECONDS:  # nan (TOML has it) fails too
             raise ValueError("timeout_sec: must be more than 0 seconds, at most "
                              f"{MAX_TIMER_SECONDS:.0f} (ten years)")

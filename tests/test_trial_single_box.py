@@ -520,3 +520,16 @@ def test_a_history_limit_below_one_is_a_config_error(rows: int) -> None:
     that just finished answered 404."""
     _cfg, issues = config_mod.parse_text(f"[store]\nhistory_max_rows = {rows}\n", "c.toml")
     assert [i.where for i in issues] == ["[store].history_max_rows"], issues
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ('[scheduler]\nconcurrency_limits = { "http://gpu:8000/v1" = 0 }\n',
+     "[scheduler].concurrency_limits"),
+    ("[server]\nmax_body_bytes = -5\n", "[server].max_body_bytes"),
+])
+def test_limits_that_would_block_all_work_are_config_errors(text: str, where: str) -> None:
+    """Defect: a concurrency limit of 0 (or less) was accepted and held every job with that
+    key for ever ("at its limit of 0"); ``max_body_bytes = -5`` refused every submission
+    with 413. Both passed ``validate``."""
+    _cfg, issues = config_mod.parse_text(text, "c.toml")
+    assert [i.where for i in issues] == [where], issues
