@@ -90,6 +90,7 @@ API_BIND_WAIT = 10.0  # seconds KernelStarted waits for the API to be bound
 RECOVERY_REPORT_EVERY = 1.0  # seconds between progress lines while re-arming a large store
 REFIRE_FIRST = 0.5  # fleet: seconds before occurrences a database failure kept are fired again
 REFIRE_MAX = 30.0   # (doubling up to this while it keeps failing)
+RATE_WINDOW = 0.25  # fleet: seconds over which the rate of runs ending is measured (_room)
 
 
 @dataclass(slots=True)
@@ -159,6 +160,8 @@ class Kernel:
         # fleet: task id -> its earliest occurrence a database failure kept from being fired
         self._unfired: dict[str, float] = {}
         self._refire_wake = asyncio.Event()
+        self._rate_mark = (clock.monotonic(), 0)  # (instant, runs ended by then): _room
+        self._end_rate = 0.0
         self._api_bound: asyncio.Event | None = None
         self.fleet: FleetMember | None = None
         if isinstance(store, FleetStore):  # several kernels share this store: see fleet.py
@@ -166,7 +169,8 @@ class Kernel:
                 store, clock, settings_from(config.fleet), on_claimed=self._claimed,
                 on_fenced=self._fenced, on_pauses=self._follow_pauses,
                 max_gpu_memory_mb=self._gpu_capacity, gpu_held=self._gpu_held,
-                drop_queued=lambda ids: self._dispatcher.remove_many(set(ids)))
+                drop_queued=lambda ids: self._dispatcher.remove_many(set(ids)),
+                room=self._room)
         self.journal = Journal(store, clock, fleet=self.fleet, on_failed=self._store_failed)
 
     # ================================================================ lifecycle
@@ -516,6 +520,25 @@ class Kernel:
     def _pump_later(self) -> None:
         self._pump_pending = False
         self._pump()
+        if self.fleet is not None:
+            self.fleet.room_freed()
+
+    def _room(self) -> int:
+        """Fleet: how many more jobs this kernel can start within the claim horizon, and so
+        claims (at insert or ahead): its slots plus the runs it ends per second times the
+        horizon, less what it holds (running, queued, claimed ahead). A kernel that runs short
+        jobs fast takes a burst at insert; one whose slots are held by long runs takes what
+        it has slots for and leaves the rest of a burst to the other boxes."""
+        assert self.fleet is not None
+        now = self.clock.monotonic()
+        t0, n0 = self._rate_mark
+        if now - t0 >= RATE_WINDOW:  # runs ended per second, over the last window
+            n = self._dispatcher.ended
+            self._end_rate = (n - n0) / (now - t0)
+            self._rate_mark = (now, n)
+        soon = (self._dispatcher.limits.max_concurrency
+                + int(self._end_rate * self.fleet.settings.horizon))
+        return soon - (len(self.runner) + self._dispatcher.queued + self.timers.pending_jobs)
 
     def _timeout_for(self, job: Job) -> float | None:
         if job.timeout is not None:

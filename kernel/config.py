@@ -140,14 +140,31 @@ class StoreSection(_Section):
                 "dsn: required when backend = 'postgres' (a libpq URI such as "
                 "postgresql://kernel@db-host:5432/kernel; passwords may come from ~/.pgpass or "
                 "PGPASSWORD)")
+        if self.backend == "postgres" and self.dsn:
+            scheme = self.dsn.split("://", 1)[0].lower() if "://" in self.dsn else None
+            if scheme not in (None, "postgresql", "postgres") or (scheme is None
+                                                                  and "=" not in self.dsn):
+                raise ValueError(
+                    "dsn: not a PostgreSQL DSN; valid: a libpq URI such as "
+                    "postgresql://kernel@db-host:5432/kernel, or key=value pairs such as "
+                    "'host=db-host dbname=kernel user=kernel'")
         if not self.schema:
             raise ValueError("schema: must be a PostgreSQL schema name such as 'kernel'")
+        if len(self.schema.encode()) > PG_NAME_MAX:
+            raise ValueError(f"schema: {len(self.schema.encode())} bytes; PostgreSQL names hold "
+                             f"at most {PG_NAME_MAX} bytes")
         if self.synchronous.upper() not in {"NORMAL", "FULL", "OFF", "EXTRA"}:
             raise ValueError("synchronous: must be NORMAL, FULL, EXTRA or OFF")
         if self.history_max_rows < 1:
             # retention keeps max(0, n) rows: -1 (the usual "no limit") deleted every run
             raise ValueError("history_max_rows: must be at least 1 (the runs kept; "
                              "history_max_age bounds their age)")
+
+
+#: ``[fleet] ttl`` is at least this many heartbeats: one late heartbeat is not a death.
+FLEET_TTL_HEARTBEATS = 2
+#: PostgreSQL's longest identifier, in bytes (NAMEDATALEN - 1).
+PG_NAME_MAX = 63
 
 
 class FleetSection(_Section):
@@ -165,6 +182,13 @@ class FleetSection(_Section):
                 raise ValueError(f"{name}: must be more than 0 seconds")
         if self.claim_batch < 1:
             raise ValueError("claim_batch: must be at least 1")
+        beat, ttl = float(secs(self.heartbeat) or 0), float(secs(self.ttl) or 0)
+        if ttl < FLEET_TTL_HEARTBEATS * beat:
+            # the others would declare a live kernel dead between two of its heartbeats (or
+            # after one late one): it fences itself over and over and its runs run again
+            raise ValueError(f"ttl: {ttl:g} s must be at least {FLEET_TTL_HEARTBEATS} x heartbeat "
+                             f"({beat:g} s), else live kernels are declared dead; valid: e.g. "
+                             "heartbeat = \"2s\", ttl = \"10s\"")
 
 
 class SchedulerSection(_Section):

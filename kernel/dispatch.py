@@ -112,6 +112,7 @@ class Dispatcher:
         self._queued_by_task: Counter[str] = Counter()
         self._by_key: Counter[str] = Counter()
         self._held: dict[str, str] = {}  # job id -> why it is not starting (for the snapshot)
+        self.ended = 0  # runs that released their slot, ever (a fleet kernel's rate of ends)
 
     # ---- what the kernel asks -------------------------------------------------------------
     @property
@@ -236,6 +237,7 @@ class Dispatcher:
         r = self._running.pop(job.id, None)
         if r is None:
             return
+        self.ended += 1
         if job.task_id:
             self._by_task[job.task_id] -= 1
         if r.concurrency_key:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .clock import Clock
-from .config import FleetSection, secs
-from .errors import ConfigError, ConfigIssue, StoreError
+from .config import FLEET_TTL_HEARTBEATS, FleetSection, secs
+from .errors import StoreError
 from .records import Job, RunRecord, ScheduleState, SubmitResult
 
 log = logging.getLogger("kernel.fleet")
@@ -45,7 +45,8 @@ class FleetStore(Protocol):
                         max_gpu_memory_mb: int | None = None) -> list[Job]: ...
     async def release(self, owner: str, job_ids: Sequence[str]) -> int: ...
     async def submit_claimed(self, jobs: Sequence[Job], now: float, owner: str,
-                             claim_before: float) -> tuple[list[SubmitResult], list[bool]]: ...
+                             claim_before: float, limit: int | None = None
+                             ) -> tuple[list[SubmitResult], list[bool]]: ...
     async def mark_running_owned(self, owner: str, job_id: str, started_at: float,
                                  attempt: int) -> bool: ...
     async def finish_owned(self, owner: str, job_id: str, run: RunRecord,
@@ -67,7 +68,7 @@ class FleetSettings:
     fired_keep: float = 86_400.0  # fired occurrences are forgotten after this (> any grace)
 
 
-TTL_HEARTBEATS = 2
+TTL_HEARTBEATS = FLEET_TTL_HEARTBEATS
 """``[fleet] ttl`` must be at least this many heartbeats: one late heartbeat is not a death."""
 
 
@@ -83,20 +84,13 @@ class MemberView:
 
 
 def settings_from(section: FleetSection) -> FleetSettings:
-    """``[fleet]`` of the configuration, in seconds."""
+    """``[fleet]`` of the configuration, in seconds (``FleetSection`` checked it: a ``ttl`` of
+    at least ``TTL_HEARTBEATS`` heartbeats)."""
     d = FleetSettings()
     got = FleetSettings(heartbeat=secs(section.heartbeat) or d.heartbeat,
                         ttl=secs(section.ttl) or d.ttl,
                         horizon=secs(section.claim_horizon) or d.horizon,
                         batch=section.claim_batch)
-    if got.ttl < TTL_HEARTBEATS * got.heartbeat:
-        # the others would declare a live kernel dead between two of its heartbeats (or after
-        # one late one): it fences itself over and over and its running jobs run again
-        raise ConfigError([ConfigIssue(
-            "<config>", "[fleet].ttl",
-            f"{got.ttl:g} s must be at least {TTL_HEARTBEATS} x heartbeat ({got.heartbeat:g} s), "
-            "else live kernels are declared dead; valid: e.g. heartbeat = \"2s\", "
-            "ttl = \"10s\"")])
     return got
 
 
@@ -111,7 +105,8 @@ class FleetMember:
                  on_pauses: Callable[[dict[str, ScheduleState]], None],
                  max_gpu_memory_mb: Callable[[], int | None],
                  gpu_held: Callable[[], list[str]],
-                 drop_queued: Callable[[Sequence[str]], object]) -> None:
+                 drop_queued: Callable[[Sequence[str]], object],
+                 room: Callable[[], int] | None = None) -> None:
         self.store = store
         self.clock = clock
         self.settings = settings
@@ -124,6 +119,10 @@ class FleetMember:
         self._max_gpu = max_gpu_memory_mb
         self._gpu_held = gpu_held
         self._drop_queued = drop_queued
+        # how many more jobs this kernel can start within the claim horizon (the kernel's
+        # estimate: see Kernel._room); None: no limit but the claim batch
+        self._room = room
+        self._starved = False  # jobs may be waiting that this kernel had no room for
         self.fenced = True            # until join()
         self.stopping = False         # the kernel stops: claim nothing more
         self._wake = asyncio.Event()
@@ -167,6 +166,20 @@ class FleetMember:
     def claim_before(self, now: float) -> float:
         return now + self.settings.horizon
 
+    def room(self) -> int | None:
+        """How many more jobs this kernel may take now (claim at insert or claim ahead)."""
+        return None if self._room is None else max(0, self._room())
+
+    def left_unclaimed(self) -> None:
+        """Jobs this kernel had no room for were left to the fleet: claim again when it has
+        room (if no other kernel took them by then)."""
+        self._starved = True
+
+    def room_freed(self) -> None:
+        """Runs ended here: claim again if jobs were left for lack of room."""
+        if self._starved:
+            self._wake.set()
+
     # ---- the services ------------------------------------------------------------------------
     async def heartbeats(self) -> None:
         """Renew, fence on loss, rescue the dead, follow fleet-wide pauses, purge old fired
@@ -204,22 +217,29 @@ class FleetMember:
                 log.warning("fleet upkeep failed: [%s] %s", exc.code, exc)
 
     async def claims(self) -> None:
-        """Claim jobs due within the horizon, in batches; woken by NOTIFY, polling anyway."""
+        """Claim jobs due within the horizon, in batches of at most the room this kernel has
+        (a burst posted to one busy box is left to the idle ones); woken by NOTIFY, by runs
+        ending here while jobs were left for lack of room, polling anyway."""
         s = self.settings
         while True:
-            got = 0
+            got = limit = 0
             if not self.fenced and not self.stopping:
-                try:
-                    jobs = await self.store.claim_due(
-                        self.id, self.clock.wall(), s.horizon, s.batch,
-                        max_gpu_memory_mb=self._max_gpu())
-                except StoreError as exc:
-                    log.warning("claiming jobs failed: [%s] %s", exc.code, exc)
-                    jobs = []
+                room = self.room()
+                limit = s.batch if room is None else min(s.batch, room)
+                jobs: list[Job] = []
+                if limit > 0:
+                    try:
+                        jobs = await self.store.claim_due(
+                            self.id, self.clock.wall(), s.horizon, limit,
+                            max_gpu_memory_mb=self._max_gpu())
+                    except StoreError as exc:
+                        log.warning("claiming jobs failed: [%s] %s", exc.code, exc)
                 got = len(jobs)
                 if jobs:
                     self.claimed += got
                     self._on_claimed(jobs)
+                # took all it had room for: more may be waiting, claim when room frees up
+                self._starved = got >= limit
             if got >= s.batch:
                 await asyncio.sleep(0)
                 continue

@@ -61,8 +61,9 @@ class Journal:
     async def new_jobs(self, jobs: list[Job], wall: float, *, claim_all: bool = False
                        ) -> tuple[list[SubmitResult], list[Job]]:
         """Store new jobs (acknowledged only after commit); returns the results and the new
-        jobs this kernel holds. In a fleet only those due within the claim horizon (or all,
-        ``claim_all``) are claimed at insert; the others wait for whichever kernel claims them.
+        jobs this kernel holds. In a fleet only those due within the claim horizon that this
+        kernel has room for (``FleetMember.room``), or all (``claim_all``), are claimed at
+        insert; the others wait for whichever kernel claims them.
 
         :raises StoreError: nothing was stored.
         """
@@ -70,9 +71,13 @@ class Journal:
             results = await self.store.submit(jobs, wall)
             return results, [r.job for r in results if not r.existed]
         before = math.inf if claim_all else self.fleet.claim_before(wall)
-        results, owned = await self.fleet.store.submit_claimed(jobs, wall, self.fleet.id, before)
-        return results, [r.job for r, o in zip(results, owned, strict=True)
-                         if o and not r.existed]
+        room = None if claim_all else self.fleet.room()
+        results, owned = await self.fleet.store.submit_claimed(jobs, wall, self.fleet.id, before,
+                                                               room)
+        mine = [r.job for r, o in zip(results, owned, strict=True) if o and not r.existed]
+        if room is not None and len(mine) >= room:
+            self.fleet.left_unclaimed()
+        return results, mine
 
     async def occurrences(self, jobs: list[Job], wall: float) -> list[Job] | None:
         """Make cron occurrences durable; the ones to run here. One box: the new ones (or all

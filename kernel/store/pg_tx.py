@@ -77,22 +77,28 @@ class Submit(Op):
     """``submit`` (``owner`` is None) or a submission claimed at insert by ``owner``."""
 
     commutes = True  # (see Op.commutes) each for its own job(s)
-    __slots__ = ("bodies", "claim_before", "jobs", "now", "owner", "weight")
+    __slots__ = ("bodies", "claim", "jobs", "now", "owner", "weight")
 
     def __init__(self, fut: asyncio.Future[Any], jobs: Sequence[Job], now: float,
-                 owner: str | None = None, claim_before: float | None = None) -> None:
+                 owner: str | None = None, claim_before: float | None = None,
+                 claim_limit: int | None = None) -> None:
         super().__init__(fut)
         self.jobs = list(jobs)
         self.now = now
         self.bodies = [schema.encode_job(job) for job in jobs]  # later mutations don't count
         self.owner = owner
-        self.claim_before = claim_before
         self.weight = len(jobs)
-
-    def owner_of(self, job: Job) -> str | None:
-        if self.owner is None or self.claim_before is None or job.due_at > self.claim_before:
-            return None
-        return self.owner
+        # per job: claimed by ``owner`` at insert (due by ``claim_before``; the first
+        # ``claim_limit`` of those, in the order given)
+        self.claim = [False] * len(self.jobs)
+        if owner is not None and claim_before is not None:
+            left = len(self.jobs) if claim_limit is None else claim_limit
+            for i, job in enumerate(self.jobs):
+                if left <= 0:
+                    break
+                if job.due_at <= claim_before:
+                    self.claim[i] = True
+                    left -= 1
 
 
 class MarkRunning(Op):
@@ -303,7 +309,8 @@ async def _submits(con: Con, ops: Sequence[Op]) -> bool:
         alive = {r[0] for r in await con.fetch(
             "SELECT id FROM kernels WHERE id = ANY($1::text[]) ORDER BY id FOR KEY SHARE",
             claimers)}
-    owners = [op.owner_of(job) if op.owner in alive else None for op in subs for job in op.jobs]
+    owners = [op.owner if mine and op.owner in alive else None
+              for op in subs for mine in op.claim]
     results = await insert_jobs(
         con, jobs, [b for op in subs for b in op.bodies], nows.__getitem__, owners.__getitem__
     )

@@ -204,3 +204,22 @@ async def test_a_batch_mixing_kinds_priorities_and_owners_is_stored_as_given(
         # every column equal: one value each, still stored per job
         await s.submit([job("s1", 5.0), job("s2", 5.0)], now=0.0)
         assert sorted(j.id for j in await s.get_jobs(["s1", "s2"])) == ["s1", "s2"]
+
+
+async def test_commits_are_synchronous_whatever_the_servers_default(
+        pg_cluster: PgCluster) -> None:
+    """A job is acknowledged after its COMMIT: the store's connections ask for synchronous
+    commit, or a server run with ``synchronous_commit = off`` loses acknowledged jobs when it
+    crashes (the test cluster runs with it off, as such a server would)."""
+    con = await asyncpg.connect(pg_cluster.dsn)
+    try:
+        assert await con.fetchval("SHOW synchronous_commit") == "off"  # the server's default
+    finally:
+        await con.close()
+    async with PostgresStore(pg_cluster.dsn, schema=fresh_schema()) as s:
+        assert [r[0] for r in await s._read("SHOW synchronous_commit")] == ["on"]
+        writer = await s._take_writer()  # where the group commits run
+        try:
+            assert await writer.fetchval("SHOW synchronous_commit") == "on"
+        finally:
+            s._drop_writer(writer)
