@@ -175,7 +175,9 @@ CATALOGUE: dict[ErrorCode, CatalogueEntry] = {
            "Fix `[plugins.NAME]` as the message says, or reinstall the plugin (`pip install -e "
            "plugins/NAME`); `python -m kernel plugins` lists the problems."),
         _e(C.ERR_STORE_UNAVAILABLE, "The database could not be opened or written.",
-           "Check `[store] path`, its directory's permissions and free space.", True),
+           "SQLite: check `[store] path`, its directory's permissions and free space. "
+           "PostgreSQL: check that the server named by `[store] dsn` is up and reachable from "
+           "this box, and the user's password (~/.pgpass or PGPASSWORD) and rights.", True),
         _e(C.ERR_STORE_LOCKED, "Another process holds a lock on the database.",
            "Stop the other kernel using the same `[store] path`, or give this one its own path.",
            True),

@@ -20,7 +20,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from kernel.app import Snapshot
 from kernel.app import TaskView as KernelTaskView
-from kernel.config import PRIORITY_MAX, TaskConfig
+from kernel.config import GPU_MEMORY_MB_MAX, PRIORITY_MAX, TaskConfig
 from kernel.errors import ErrorCode
 from kernel.records import Job, JobKind, JobState, Outcome, RunRecord
 
@@ -60,6 +60,9 @@ class JobIn(_In):
     dedup_ttl: Seconds | None = None
     priority: Priority = 0
     timeout: PositiveSeconds | None = None
+    gpu_memory_mb: Annotated[int, Meta(ge=0, le=GPU_MEMORY_MB_MAX,
+                                       description="GPU memory the job needs (MiB)")] = 0
+    gpu: Annotated[int, Meta(ge=0, le=1024, description="pin to this card index")] | None = None
 
 
 class BatchIn(_In):

@@ -372,6 +372,7 @@ class Api:
         return SubmitRequest(action=item.action, payload=item.payload, delay=item.delay, at=at,
                              dedup_key=item.dedup_key, dedup_ttl=item.dedup_ttl,
                              priority=item.priority, timeout=item.timeout,
+                             gpu_memory_mb=item.gpu_memory_mb, gpu=item.gpu,
                              traceparent=traceparent)
 
     # ------------------------------------------------------------------ jobs

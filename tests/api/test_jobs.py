@@ -309,3 +309,15 @@ async def test_a_retried_job_reports_its_own_attempt_and_the_retry_is_a_new_job(
         assert retry.attempt == 2 and retry.trace_id == r.body["trace_id"]
         live = await api.call("GET", f"/jobs/{retry.id}")
         assert live.body["state"] == "pending" and live.body["kind"] == "retry", live
+
+
+async def test_submit_declares_the_gpu_memory_a_job_needs(api: Api) -> None:
+    """README "GPU admission": a submission may declare ``gpu_memory_mb`` (and pin ``gpu``);
+    POST /jobs answered 400 "unknown field" for both."""
+    r = await api.call("POST", "/jobs", {"action": "rec", "delay": 30, "gpu_memory_mb": 1000,
+                                         "gpu": 0})
+    assert r.status == 201, r
+    job = await api.kernel.store.get_job(r.body["id"])
+    assert job is not None and (job.gpu_memory_mb, job.gpu) == (1000, 0)
+    bad = await api.call("POST", "/jobs", {"action": "rec", "gpu_memory_mb": -1})
+    assert bad.status == 400 and "gpu_memory_mb" in str(bad.body), bad

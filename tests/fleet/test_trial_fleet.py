@@ -197,9 +197,6 @@ async def test_cancelling_a_run_on_another_kernel_does_not_claim_it_ended(fleet:
         await ks.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="kernel/api/schemas.py JobIn has no gpu_memory_mb/gpu "
-                   "(SubmitRequest has them): POST /jobs answers 400 'unknown field' although "
-                   "README 'GPU admission' says a submission may declare them")
 def test_post_jobs_accepts_the_gpu_fields_the_readme_documents() -> None:
     body = msgspec.json.decode(b'{"action": "log", "gpu_memory_mb": 1000, "gpu": 0}',
                                type=JobIn)
@@ -294,8 +291,5 @@ async def test_a_burst_on_one_busy_kernel_is_shared_with_idle_ones(fleet: Fleet)
         await ks.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="kernel/errors.py: ERR_STORE_UNAVAILABLE's remedy names "
-                   "only `[store] path` (SQLite); `run` prints it under every PostgreSQL "
-                   "connection failure ('what to do: Check `[store] path`...')")
 def test_the_store_unavailable_remedy_covers_the_fleet_database() -> None:
     assert "dsn" in CATALOGUE[ErrorCode.ERR_STORE_UNAVAILABLE].remedy
