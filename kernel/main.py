@@ -99,6 +99,7 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
     # plugins from what decoded, so that load_checked reports every problem at once
     plugins = plugin_set(config_mod.load_partial(config_path, tasks_file=tasks_file)[0])
     cfg = load_checked(config_path, tasks_file, plugins)
+    as_loaded = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server))
     if port is not None:
         cfg.server.port = port
     if not server:
@@ -111,7 +112,7 @@ async def serve(config_path: Path | None, tasks_file: Path | None, *,
     if cfg.server.enabled:
         api_token(cfg)  # refuse to start on a non-loopback address without a token
         services.append(functools.partial(api_service, metrics=metrics.render))
-    reloader = ConfigReloader(config_path, tasks_file, plugins)
+    reloader = ConfigReloader(config_path, tasks_file, plugins, loaded=as_loaded)
     if config_path is not None:
         services.append(reloader.watch)
     if tui:

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from .config import Config
 from .errors import ConfigError, ConfigIssue, ErrorCode, KernelError
 from .plugins import PluginSet
@@ -61,6 +63,26 @@ def check_reload(running: Config, new: Config) -> None:
             "remove every task)")])
 
 
+#: Config fields a reload applies (the tasks) or that are not settings.
+_APPLIED = frozenset({"tasks", "source", "blank", "tasks_declared", "task_files"})
+
+
+def not_applied(old: Config, new: Config) -> list[str]:
+    """The sections that differ between ``old`` and ``new`` and that a reload does not apply
+    (it applies the tasks and ``[kernel] timezone``; the rest is read at start), e.g.
+    ``["[server]"]``."""
+    changed = []
+    for name in old.__struct_fields__:
+        if name in _APPLIED:
+            continue
+        a, b = getattr(old, name), getattr(new, name)
+        if name == "kernel":
+            a = msgspec.structs.replace(a, timezone=b.timezone)
+        if a != b:
+            changed.append(f"[{name}]")
+    return changed
+
+
 def watch_filter(paths: Iterable[Path | str]) -> Callable[[Change, str], bool]:
     """A watchfiles filter that keeps changes to exactly these files (by absolute path)."""
     wanted = frozenset(os.path.abspath(p) for p in paths)
@@ -85,8 +107,11 @@ class ConfigReloader:
 
     def __init__(self, config_path: Path | None, tasks_file: Path | None,
                  plugins: PluginSet, kernel: Kernel | None = None, *,
-                 load: Loader = load_checked) -> None:
+                 load: Loader = load_checked, loaded: Config | None = None) -> None:
         self.config_path = config_path
+        # what the files said when last read (before command-line overrides such as --port):
+        # what a reload compares the new files with, to name the sections it does not apply
+        self._loaded = loaded
         self.tasks_file = tasks_file
         self.plugins = plugins
         self.kernel = kernel
@@ -103,6 +128,12 @@ class ConfigReloader:
                 new = self._load(self.config_path, self.tasks_file, self.plugins)
                 check_reload(kernel.config, new)
                 await kernel.reload(new, source)
+                stale = not_applied(self._loaded or kernel.config, new)
+                if stale:
+                    log.warning("config reload from %s: %s changed; applied at the next start "
+                                "(a reload applies the tasks and [kernel] timezone)", source,
+                                ", ".join(stale))
+                self._loaded = new
             except KernelError as exc:  # an invalid or suspicious file, or the store failed
                 kernel.report_reload_error(source, exc)
                 return False

@@ -72,3 +72,18 @@ async def test_file_watcher_reloads_on_edit(tmp_path: Path) -> None:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
     await h.stop()
+
+
+def test_a_reload_names_the_sections_it_does_not_apply() -> None:
+    """A reload applies the tasks and ``[kernel] timezone``; a changed ``[server]`` port (or
+    store, scheduler...) used to be ignored without a word. ``not_applied`` names them for the
+    reload's warning."""
+    from kernel.config import parse_text
+    from kernel.reload import not_applied
+
+    old, _ = parse_text('[server]\nport = 8765\n[kernel]\ntimezone = "UTC"\n', "c.toml")
+    same, _ = parse_text('[server]\nport = 8765\n[kernel]\ntimezone = "Asia/Tokyo"\n'
+                         '[[tasks]]\nid = "t"\nschedule = "@hourly"\naction = "log"\n', "c.toml")
+    assert not_applied(old, same) == []  # tasks and the time zone are applied
+    moved, _ = parse_text('[server]\nport = 8766\n[scheduler]\nmax_concurrency = 2\n', "c.toml")
+    assert not_applied(old, moved) == ["[server]", "[scheduler]"]
