@@ -135,3 +135,44 @@ def test_a_key_value_dsn_the_config_accepts_can_be_used() -> None:
     dsn = "host=/tmp dbname=kernel user=kernel"
     StoreSection(backend="postgres", dsn=dsn)  # accepted by config (and validate)
     assert _asyncpg_accepts(dsn)
+
+
+class _FakeKernel:
+    """What ConfigReloader.reload uses of a kernel: it keeps its config but the tasks."""
+
+    def __init__(self, config: object) -> None:
+        self.config = config
+        self.errors: list[object] = []
+
+    async def reload(self, new: object, source: str) -> None:
+        import msgspec
+
+        self.config = msgspec.structs.replace(self.config, tasks=list(new.tasks))  # type: ignore[attr-defined]
+
+    def report_reload_error(self, source: str, exc: object) -> None:
+        self.errors.append(exc)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ConfigReloader.reload compares with the previous reload's files (self._loaded = new), "
+    "not with what runs (the files at start): a reload that reverts an unapplied [server] "
+    "change warns that [server] changed and is applied at the next start, although the "
+    "files now match what runs; and a second reload no longer names a change still unapplied"))
+async def test_a_reload_that_reverts_an_unapplied_change_does_not_warn(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from kernel.reload import ConfigReloader
+
+    base = "[scheduler]\nmax_concurrency = 4\n"
+    start = make_config(base)
+    changed = make_config(base + "[server]\nmax_body_bytes = 4096\n")
+    reverted = make_config(base)
+    files = [changed, reverted]
+    reloader = ConfigReloader(None, None, None, load=lambda *_a: files.pop(0),  # type: ignore[arg-type]
+                              loaded=start)
+    reloader.kernel = _FakeKernel(start)  # type: ignore[assignment]
+    with caplog.at_level("WARNING", logger="kernel.reload"):
+        assert await reloader.reload("test")
+        assert "[server]" in caplog.text  # not applied: right
+        caplog.clear()
+        assert await reloader.reload("test")  # the files are as at start again
+    assert "[server]" not in caplog.text, caplog.text
