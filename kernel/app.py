@@ -157,8 +157,8 @@ class Kernel:
         self._stopping = False
         self._serving = False
         self._followups: set[asyncio.Task[None]] = set()
-        # fleet: task id -> its earliest occurrence a database failure kept from being fired
-        self._unfired: dict[str, float] = {}
+        # fleet: task id -> (first, last) occurrence a database failure kept from being fired
+        self._unfired: dict[str, tuple[float, float]] = {}
         self._refire_wake = asyncio.Event()
         self._rate_mark = (clock.monotonic(), 0)  # (instant, runs ended by then): _room
         self._end_rate = 0.0
@@ -422,14 +422,21 @@ class Kernel:
             tt = self.timetable
             wall = self.clock.wall()
             firings = []
-            for task_id, first in behind.items():
+            for task_id, (first, last) in behind.items():
                 rt = tt.tasks.get(task_id)
                 if rt is not None and rt.schedule is not None and not rt.paused:
-                    firings.append(tt.misfires(rt, first - 0.001, wall))
+                    # up to the last kept one: those after it were fired as usual
+                    firings.append(tt.misfires(rt, first - 0.001, wall, until=last))
             await self._make_durable_all(firings)
             for task_id in self._unfired.keys() & behind.keys():  # failed again: same window
-                self._unfired[task_id] = min(self._unfired[task_id], behind[task_id])
+                self._keep_unfired(task_id, *behind[task_id])
             delay = min(delay * 2, REFIRE_MAX) if self._unfired else REFIRE_FIRST
+
+    def _keep_unfired(self, task_id: str, first: float, last: float) -> None:
+        """Widen a task's window of occurrences kept from being fired (see _refire)."""
+        old = self._unfired.get(task_id)
+        self._unfired[task_id] = (first, last) if old is None else (min(old[0], first),
+                                                                   max(old[1], last))
 
     def _heartbeats_ended(self, task: asyncio.Task[None]) -> None:
         """The heartbeat service ends only when cancelled. Anything else is a bug: without
@@ -463,8 +470,7 @@ class Kernel:
         run_here = await self.journal.occurrences(jobs, wall)
         if run_here is None:  # fleet, database failed: fired again by policy (_refire)
             for rt, at in occ:
-                tid = rt.cfg.id
-                self._unfired[tid] = min(at, self._unfired.get(tid, at))
+                self._keep_unfired(rt.cfg.id, at, at)
             self._refire_wake.set()
             return
         now_mono = self.clock.monotonic()
@@ -528,7 +534,8 @@ class Kernel:
         claims (at insert or ahead): its slots plus the runs it ends per second times the
         horizon, less what it holds (running, queued, claimed ahead). A kernel that runs short
         jobs fast takes a burst at insert; one whose slots are held by long runs takes what
-        it has slots for and leaves the rest of a burst to the other boxes."""
+        it has slots for and leaves the rest of a burst to the other boxes. Queued jobs that a
+        limit or gate holds back (a concurrency key, GPU memory) hold no slot: not counted."""
         assert self.fleet is not None
         now = self.clock.monotonic()
         t0, n0 = self._rate_mark
@@ -538,7 +545,8 @@ class Kernel:
             self._rate_mark = (now, n)
         soon = (self._dispatcher.limits.max_concurrency
                 + int(self._end_rate * self.fleet.settings.horizon))
-        return soon - (len(self.runner) + self._dispatcher.queued + self.timers.pending_jobs)
+        return soon - (len(self.runner) + self._dispatcher.waiting_for_a_slot
+                       + self.timers.pending_jobs)
 
     def _timeout_for(self, job: Job) -> float | None:
         if job.timeout is not None:

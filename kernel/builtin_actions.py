@@ -146,8 +146,8 @@ def _setpriv() -> str | None:
     if path is None:
         return None
     try:
-        ok = subprocess.run([path, "--pdeathsig", "KILL", "--", "true"], capture_output=True,
-                            timeout=5, check=False).returncode == 0
+        ok = subprocess.run([path, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", ":"],
+                            capture_output=True, timeout=5, check=False).returncode == 0
     except (OSError, subprocess.SubprocessError):
         ok = False
     if not ok:
@@ -156,13 +156,18 @@ def _setpriv() -> str | None:
     return path if ok else None
 
 
-def _launch(argv: list[str], limits: ExecLimits) -> list[str]:
+_PROBED: list[str | None] = []  # [_setpriv()] once asked (in a thread: it runs a process)
+
+
+async def _launch(argv: list[str], limits: ExecLimits) -> list[str]:
     """The command line that starts ``argv``: with the parent-death signal (Linux) and the
     limits asked for; ``argv`` itself elsewhere when no limit is asked for."""
     if limits.memory_mb is None and limits.cpu_sec is None and limits.nice is None:
         if not _LINUX:
             return argv
-        setpriv = _setpriv()
+        if not _PROBED:
+            _PROBED.append(await asyncio.to_thread(_setpriv))
+        setpriv = _PROBED[0]
         if setpriv is not None:
             return [setpriv, "--pdeathsig", "KILL", "--", *argv]
     return [sys.executable, "-I", "-S", "-c", _LIMITS_WRAPPER, str(os.getpid()),
@@ -221,7 +226,7 @@ async def run_exec(ctx: RunContext, p: ExecPayload) -> str:
         raise ActionError(f"cwd {p.cwd!r} is not a directory", code=ErrorCode.ERR_EXEC_FAILED)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *_launch(p.argv, p.limits),
+            *await _launch(p.argv, p.limits),
             stdin=asyncio.subprocess.PIPE if p.stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

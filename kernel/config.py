@@ -141,13 +141,13 @@ class StoreSection(_Section):
                 "postgresql://kernel@db-host:5432/kernel; passwords may come from ~/.pgpass or "
                 "PGPASSWORD)")
         if self.backend == "postgres" and self.dsn:
+            # (asyncpg takes URIs only, not libpq's key=value strings)
             scheme = self.dsn.split("://", 1)[0].lower() if "://" in self.dsn else None
-            if scheme not in (None, "postgresql", "postgres") or (scheme is None
-                                                                  and "=" not in self.dsn):
+            if scheme not in ("postgresql", "postgres"):
                 raise ValueError(
-                    "dsn: not a PostgreSQL DSN; valid: a libpq URI such as "
-                    "postgresql://kernel@db-host:5432/kernel, or key=value pairs such as "
-                    "'host=db-host dbname=kernel user=kernel'")
+                    "dsn: not a PostgreSQL URI; valid: postgresql://user@host:5432/dbname, "
+                    "e.g. postgresql://kernel@db-host:5432/kernel, or for a local socket "
+                    "postgresql:///kernel?host=/run/postgresql")
         if not self.schema:
             raise ValueError("schema: must be a PostgreSQL schema name such as 'kernel'")
         if len(self.schema.encode()) > PG_NAME_MAX:
@@ -176,7 +176,8 @@ class FleetSection(_Section):
     claim_batch: int = 500             # the most jobs one claim takes
 
     def __post_init__(self) -> None:
-        self._durations("heartbeat", "ttl", "claim_horizon")
+        # (a day at most: a horizon of 1e308 s made the claim room overflow)
+        self._durations("heartbeat", "ttl", "claim_horizon", most=86400.0)
         for name in ("heartbeat", "ttl", "claim_horizon"):
             if float(getattr(self, name)) <= 0:
                 raise ValueError(f"{name}: must be more than 0 seconds")

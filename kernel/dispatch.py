@@ -120,6 +120,12 @@ class Dispatcher:
         return len(self._heap)
 
     @property
+    def waiting_for_a_slot(self) -> int:
+        """Queued jobs that only a free slot holds back: not those a limit or gate holds
+        (a concurrency key, ``max_instances``, GPU memory), which hold no slot."""
+        return max(0, len(self._heap) - len(self._held))
+
+    @property
     def running(self) -> dict[str, Job]:
         return {k: r.job for k, r in self._running.items()}
 

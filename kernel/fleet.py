@@ -123,6 +123,7 @@ class FleetMember:
         # estimate: see Kernel._room); None: no limit but the claim batch
         self._room = room
         self._starved = False  # jobs may be waiting that this kernel had no room for
+        self._reserved = 0     # room taken by claims in flight (take_room)
         self.fenced = True            # until join()
         self.stopping = False         # the kernel stops: claim nothing more
         self._wake = asyncio.Event()
@@ -167,8 +168,22 @@ class FleetMember:
         return now + self.settings.horizon
 
     def room(self) -> int | None:
-        """How many more jobs this kernel may take now (claim at insert or claim ahead)."""
-        return None if self._room is None else max(0, self._room())
+        """How many more jobs this kernel may take now (claim at insert or claim ahead), less
+        the room of claims in flight (:meth:`take_room`)."""
+        return None if self._room is None else max(0, self._room() - self._reserved)
+
+    def take_room(self) -> int | None:
+        """:meth:`room`, reserved until :meth:`return_room` (once what was claimed is held
+        here): claims in flight together, e.g. parallel submissions, share the room instead
+        of each taking all of it."""
+        room = self.room()
+        if room is not None:
+            self._reserved += room
+        return room
+
+    def return_room(self, room: int | None) -> None:
+        if room is not None:
+            self._reserved -= room
 
     def left_unclaimed(self) -> None:
         """Jobs this kernel had no room for were left to the fleet: claim again when it has
@@ -222,28 +237,33 @@ class FleetMember:
         ending here while jobs were left for lack of room, polling anyway."""
         s = self.settings
         while True:
+            # a wake (NOTIFY, room freed, jobs left unclaimed) from here on is not lost: it
+            # lets the wait below return at once
+            self._wake.clear()
             got = limit = 0
             if not self.fenced and not self.stopping:
-                room = self.room()
+                self._starved = False  # (set again below, or by left_unclaimed meanwhile)
+                room = self.take_room()
                 limit = s.batch if room is None else min(s.batch, room)
                 jobs: list[Job] = []
-                if limit > 0:
-                    try:
+                try:
+                    if limit > 0:
                         jobs = await self.store.claim_due(
                             self.id, self.clock.wall(), s.horizon, limit,
                             max_gpu_memory_mb=self._max_gpu())
-                    except StoreError as exc:
-                        log.warning("claiming jobs failed: [%s] %s", exc.code, exc)
+                except StoreError as exc:
+                    log.warning("claiming jobs failed: [%s] %s", exc.code, exc)
+                finally:
+                    self.return_room(room)
                 got = len(jobs)
                 if jobs:
                     self.claimed += got
                     self._on_claimed(jobs)
-                # took all it had room for: more may be waiting, claim when room frees up
-                self._starved = got >= limit
+                if got >= limit:  # took all it had room for: more may wait; claim on room
+                    self._starved = True
             if got >= s.batch:
                 await asyncio.sleep(0)
                 continue
-            self._wake.clear()
             await self.clock.sleep_until(self.clock.monotonic() + s.horizon / 2, self._wake)
 
     # ---- internals ---------------------------------------------------------------------------

@@ -71,9 +71,12 @@ class Journal:
             results = await self.store.submit(jobs, wall)
             return results, [r.job for r in results if not r.existed]
         before = math.inf if claim_all else self.fleet.claim_before(wall)
-        room = None if claim_all else self.fleet.room()
-        results, owned = await self.fleet.store.submit_claimed(jobs, wall, self.fleet.id, before,
-                                                               room)
+        room = None if claim_all else self.fleet.take_room()
+        try:
+            results, owned = await self.fleet.store.submit_claimed(jobs, wall, self.fleet.id,
+                                                                   before, room)
+        finally:  # the caller holds what was claimed before it next yields
+            self.fleet.return_room(room)
         mine = [r.job for r, o in zip(results, owned, strict=True) if o and not r.existed]
         if room is not None and len(mine) >= room:
             self.fleet.left_unclaimed()

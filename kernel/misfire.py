@@ -40,7 +40,12 @@ def plan_misfires(
     grace: float,
     max_catch_up: int,
     scan_limit: int = 100_000,
+    until: float | None = None,
 ) -> MisfirePlan:
+    """Decide the occurrences in ``(last, until]`` (``until`` defaults to ``now``; a fleet
+    deciding the occurrences a database failure kept from firing stops at the last of them:
+    the ones after it were fired as usual), late or missed as seen from ``now``."""
+    end = now if until is None else min(until, now)
     late: list[float] = []
     keep = max(1, max_catch_up)
     missed_tail: deque[float] = deque(maxlen=keep)
@@ -49,7 +54,7 @@ def plan_misfires(
     newest: float | None = None
     t = schedule.next_after(last)
     scanned = 0
-    while t is not None and t <= now:
+    while t is not None and t <= end:
         newest = t
         if now - t <= grace:
             late.append(t)
@@ -62,10 +67,10 @@ def plan_misfires(
         if scanned >= scan_limit:
             # jump ahead: count no further, but keep the newest occurrences <= now exact
             nxt = schedule.next_after(max(t, now - grace))
-            if nxt is not None and nxt <= now:
+            if nxt is not None and nxt <= end:
                 late = []
                 t = nxt
-                while t is not None and t <= now:
+                while t is not None and t <= end:
                     newest = t
                     late.append(t)
                     t = schedule.next_after(t)

@@ -109,8 +109,8 @@ class ConfigReloader:
                  plugins: PluginSet, kernel: Kernel | None = None, *,
                  load: Loader = load_checked, loaded: Config | None = None) -> None:
         self.config_path = config_path
-        # what the files said when last read (before command-line overrides such as --port):
-        # what a reload compares the new files with, to name the sections it does not apply
+        # what the files said at start (before command-line overrides such as --port): what
+        # runs, and so what a reload compares the new files with, to name what it does not apply
         self._loaded = loaded
         self.tasks_file = tasks_file
         self.plugins = plugins
@@ -133,7 +133,6 @@ class ConfigReloader:
                     log.warning("config reload from %s: %s changed; applied at the next start "
                                 "(a reload applies the tasks and [kernel] timezone)", source,
                                 ", ".join(stale))
-                self._loaded = new
             except KernelError as exc:  # an invalid or suspicious file, or the store failed
                 kernel.report_reload_error(source, exc)
                 return False

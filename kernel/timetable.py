@@ -319,11 +319,13 @@ class Timetable:
         self.arm_next(rt, max(wall, rt.last_scheduled_at or wall))
         return firing
 
-    def misfires(self, rt: TaskRuntime, last: float, now: float) -> Firing:
+    def misfires(self, rt: TaskRuntime, last: float, now: float,
+                 until: float | None = None) -> Firing:
+        """Decide by the task's policy its occurrences in ``(last, until or now]``."""
         assert rt.schedule is not None
         tc = rt.cfg
         plan = plan_misfires(tc.id, rt.schedule, last, now, policy=tc.misfire,
-                             grace=rt.grace, max_catch_up=tc.max_catch_up)
+                             grace=rt.grace, max_catch_up=tc.max_catch_up, until=until)
         firing = Firing(misfire=plan.record, overlap=False)
         if plan.record is not None:
             r = plan.record
@@ -338,7 +340,9 @@ class Timetable:
             # caught-up occurrences queue behind each other whatever the overlap policy
             firing.occurrences = [(rt, t) for t in plan.run]
         elif plan.last_considered is not None and tc.misfire is Misfire.SKIP:
-            rt.last_scheduled_at = plan.last_considered
+            # never back: a fleet's refire decides a window that may end before occurrences
+            # fired since
+            rt.last_scheduled_at = max(rt.last_scheduled_at or 0.0, plan.last_considered)
             firing.state = rt.state()
         if plan.last_considered is not None:
             rt.last_scheduled_at = max(rt.last_scheduled_at or 0.0, plan.last_considered)

@@ -1,6 +1,6 @@
 """Review of session 16's kernel changes (3067f46..HEAD): defects shown by tests.
 
-Each test marked ``xfail(strict=True)`` demonstrates a defect not fixed yet. None of these
+Each test here demonstrated a defect (it failed on the code reviewed); all are fixed now. None of these
 needs a PostgreSQL server: the fleet member runs against a fake store, and the kernel is built
 with a PostgresStore that is never opened.
 """
@@ -8,7 +8,6 @@ with a PostgresStore that is never opened.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import pytest
 
@@ -47,10 +46,6 @@ async def _spin(n: int = 50) -> None:
         await asyncio.sleep(0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FleetMember.claims clears _wake after the claim round trip and overwrites _starved with "
-    "got >= limit: a NOTIFY or left_unclaimed() that arrives while claim_due is in flight is "
-    "lost, and room_freed() no longer wakes it; the jobs wait a whole poll (horizon/2)"))
 async def test_a_wake_during_a_claim_round_trip_is_not_lost() -> None:
     clock = FakeClock()
     store = GatedStore()
@@ -78,10 +73,6 @@ async def test_a_wake_during_a_claim_round_trip_is_not_lost() -> None:
         await asyncio.gather(claims, return_exceptions=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Kernel._room subtracts every queued job, also those held by a concurrency key, "
-    "max_instances or the GPU gate, which hold no slot: a box with free slots claims nothing "
-    "(one kernel alone: unrelated jobs wait unclaimed until the long keyed run ends)"))
 async def test_jobs_held_by_a_concurrency_key_do_not_use_up_the_room() -> None:
     clock = FakeClock()
     store = PostgresStore("postgresql://kernel@localhost/kernel", schema="k")  # never opened
@@ -127,14 +118,12 @@ def test_uri_dsns_are_accepted_by_config_and_the_driver(dsn: str) -> None:
     assert _asyncpg_accepts(dsn)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "config.StoreSection accepts (and its message recommends) key=value DSNs such as "
-    "'host=/tmp dbname=x', but asyncpg.connect takes URIs only: validate passes, run exits 78 "
-    "at connect ('scheme is expected to be either postgresql or postgres')"))
-def test_a_key_value_dsn_the_config_accepts_can_be_used() -> None:
+def test_a_key_value_dsn_is_refused_by_the_config_as_the_driver_refuses_it() -> None:
+    """asyncpg takes URIs only: a libpq key=value DSN passed validate and failed at connect."""
     dsn = "host=/tmp dbname=kernel user=kernel"
-    StoreSection(backend="postgres", dsn=dsn)  # accepted by config (and validate)
-    assert _asyncpg_accepts(dsn)
+    assert not _asyncpg_accepts(dsn)
+    with pytest.raises(ValueError, match="not a PostgreSQL URI"):
+        StoreSection(backend="postgres", dsn=dsn)
 
 
 class _FakeKernel:
@@ -153,11 +142,6 @@ class _FakeKernel:
         self.errors.append(exc)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ConfigReloader.reload compares with the previous reload's files (self._loaded = new), "
-    "not with what runs (the files at start): a reload that reverts an unapplied [server] "
-    "change warns that [server] changed and is applied at the next start, although the "
-    "files now match what runs; and a second reload no longer names a change still unapplied"))
 async def test_a_reload_that_reverts_an_unapplied_change_does_not_warn(
         caplog: pytest.LogCaptureFixture) -> None:
     from kernel.reload import ConfigReloader
@@ -178,10 +162,6 @@ async def test_a_reload_that_reverts_an_unapplied_change_does_not_warn(
     assert "[server]" not in caplog.text, caplog.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "[fleet] claim_horizon has no upper bound (1e308 passes validate; other durations that "
-    "become timers are at most ten years): Kernel._room computes int(rate x horizon) = "
-    "int(inf) and raises OverflowError in the claims service and in every submission"))
 async def test_a_huge_claim_horizon_is_refused_or_the_room_stays_finite() -> None:
     clock = FakeClock()
     store = PostgresStore("postgresql://kernel@localhost/kernel", schema="k")  # never opened
