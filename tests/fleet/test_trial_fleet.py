@@ -8,7 +8,6 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -18,7 +17,7 @@ from kernel.api.schemas import JobIn
 from kernel.app import SubmitRequest
 from kernel.clock import SystemClock
 from kernel.config import FleetSection, parse_text
-from kernel.errors import CATALOGUE, ConfigError, ErrorCode, StoreError
+from kernel.errors import CATALOGUE, ConfigError, ErrorCode
 from kernel.fleet import settings_from
 from kernel.hookspecs import PluginContext
 from kernel.main import banner, build
@@ -30,6 +29,7 @@ from ..harness import make_config
 from ..pg_cluster import PgCluster
 from .conftest import Fleet
 from .test_kernel_fleet import Kernels, Ledger, until
+from .test_refire import FireFailsStore
 
 
 async def _until(cond: object, limit: float, what: str) -> None:
@@ -201,25 +201,6 @@ def test_post_jobs_accepts_the_gpu_fields_the_readme_documents() -> None:
     body = msgspec.json.decode(b'{"action": "log", "gpu_memory_mb": 1000, "gpu": 0}',
                                type=JobIn)
     assert msgspec.structs.asdict(body).get("gpu_memory_mb") == 1000
-
-
-class FireFailsStore(PostgresStore):
-    """A real store whose ``fire`` fails (as an unreachable database makes it fail) while
-    ``down`` is set."""
-
-    down = False
-
-    def __init__(self, dsn: str, *, schema: str) -> None:
-        super().__init__(dsn, schema=schema)
-        self.failed: list[float] = []
-
-    async def fire(self, jobs: Sequence[Job], now: float, *, owner: str | None = None,
-                   claim_before: float | None = None) -> list[bool]:
-        if self.down:
-            self.failed.extend(j.scheduled_at or 0.0 for j in jobs)
-            raise StoreError(f"{self.where}: firing cron occurrences failed: cannot reach "
-                             "PostgreSQL (injected)")
-        return await super().fire(jobs, now, owner=owner, claim_before=claim_before)
 
 
 @pytest.mark.slow
