@@ -275,20 +275,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=1024,
                     help="[scheduler] max_concurrency of each kernel (no-op jobs: runs at once)")
     a = ap.parse_args()
-    cluster = None
-    dsn = a.dsn
-    if dsn is None:
-        from tests.pg_cluster import PgCluster
+    from tests.pg_cluster import durable_dsn
 
-        cluster = PgCluster(durable=True)
-        cluster.start()
-        dsn = cluster.dsn
-    try:
+    with durable_dsn(a.dsn) as dsn:
         for k in (int(x) for x in a.kernels.split(",")):
             run_fleet(dsn, k, a.jobs, a.concurrency)
-    finally:
-        if cluster is not None:
-            cluster.stop()
 
 
 if __name__ == "__main__":

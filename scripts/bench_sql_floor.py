@@ -142,20 +142,11 @@ def main() -> None:
                          "a kernel of the three-kernel benchmark commits)")
     ap.add_argument("--dsn", help="an existing database (default: a throwaway durable cluster)")
     a = ap.parse_args()
-    cluster = None
-    dsn = a.dsn
-    if dsn is None:
-        from tests.pg_cluster import PgCluster
+    from tests.pg_cluster import durable_dsn
 
-        cluster = PgCluster(durable=True)
-        cluster.start()
-        dsn = cluster.dsn
-    try:
+    with durable_dsn(a.dsn) as dsn:
         for b in (int(x) for x in a.batch.split(",")):
             run(dsn, a.clients, a.jobs, b)
-    finally:
-        if cluster is not None:
-            cluster.stop()
 
 
 if __name__ == "__main__":

@@ -541,19 +541,10 @@ def main() -> None:
         ap.error("--kernels: at least 2 (one is killed at a time, the others go on)")
     if a.tasks < 1 or a.minutes <= 0:
         ap.error("--tasks and --minutes must be positive")
-    cluster = None
-    dsn = a.dsn
-    if dsn is None:
-        from tests.pg_cluster import PgCluster
+    from tests.pg_cluster import durable_dsn
 
-        cluster = PgCluster(durable=True)
-        cluster.start()
-        dsn = cluster.dsn
-    try:
+    with durable_dsn(a.dsn) as dsn:
         summary = asyncio.run(main_async(a, dsn))
-    finally:
-        if cluster is not None:
-            cluster.stop()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:

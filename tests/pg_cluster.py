@@ -27,6 +27,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,21 @@ class PgCluster:
                       "stop")
             self.started = False
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def durable_dsn(dsn: str | None = None) -> Iterator[str]:
+    """For benchmarks: ``dsn`` if given, else a throwaway cluster's with ``fsync``,
+    ``synchronous_commit`` and autovacuum on (as in production), removed afterwards."""
+    if dsn is not None:
+        yield dsn
+        return
+    cluster = PgCluster(durable=True)
+    cluster.start()
+    try:
+        yield cluster.dsn
+    finally:
+        cluster.stop()
 
 
 _cluster: PgCluster | None = None
